@@ -1,0 +1,71 @@
+"""Batch augmentation for tf.data pipelines (TensorFlow ops; used with any Keras backend).
+
+Geometric changes are applied identically to image and mask: a horizontal flip (seismic sections
+are not symmetric top-to-bottom, so no vertical flip) and a random zoom-in crop, which is a small
+scale change plus a shift. Intensity changes (brightness and contrast) touch the image only.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def augment_batch(images, masks, flip: bool = True, zoom: float = 0.1, p_zoom: float = 0.5,
+                  brightness: float = 0.1, seed=None):
+    """Augment a batch.
+
+    Args:
+        images: ``(B, H, W, 1)`` float32 in [0, 1].
+        masks: ``(B, H, W, 1)`` float32 in {0, 1}.
+        flip: flip left-right with probability 1/2.
+        zoom: largest fraction cut from the side of the crop (0 disables zoom/shift).
+        p_zoom: probability that an image is zoomed.
+        brightness: largest additive brightness change and relative contrast change (0 disables).
+        seed: unused placeholder for API symmetry; seed with ``keras.utils.set_random_seed``.
+    Returns:
+        ``(images, masks)`` with the same shapes; masks stay in {0, 1}.
+    """
+    b = tf.shape(images)[0]
+    h, w = images.shape[1], images.shape[2]
+    if flip:
+        do = tf.random.uniform([b, 1, 1, 1]) < 0.5
+        images = tf.where(do, tf.reverse(images, axis=[2]), images)
+        masks = tf.where(do, tf.reverse(masks, axis=[2]), masks)
+    if zoom > 0:
+        size = 1.0 - tf.random.uniform([b], 0.0, zoom)
+        size = tf.where(tf.random.uniform([b]) < p_zoom, size, tf.ones([b]))
+        y0 = tf.random.uniform([b]) * (1.0 - size)
+        x0 = tf.random.uniform([b]) * (1.0 - size)
+        boxes = tf.stack([y0, x0, y0 + size, x0 + size], axis=1)
+        idx = tf.range(b)
+        both = tf.concat([images, masks], axis=-1)
+        both = tf.image.crop_and_resize(both, boxes, idx, (h, w), method="bilinear")
+        images = both[..., :1]
+        masks = tf.cast(both[..., 1:] > 0.5, masks.dtype)
+    if brightness > 0:
+        add = tf.random.uniform([b, 1, 1, 1], -brightness, brightness)
+        mul = tf.random.uniform([b, 1, 1, 1], 1.0 - brightness, 1.0 + brightness)
+        mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+        images = tf.clip_by_value((images - mean) * mul + mean + add, 0.0, 1.0)
+    return images, masks
+
+
+def make_dataset(images, masks, batch_size: int, training: bool, seed: int = 0, **aug):
+    """A ``tf.data.Dataset`` of ``(image, mask)`` batches.
+
+    Args:
+        images: ``(N, H, W, 1)`` float32.
+        masks: ``(N, H, W)`` or ``(N, H, W, 1)`` bool/0-1.
+        batch_size: global batch size.
+        training: shuffle every epoch (with ``seed``), augment with ``aug`` and drop nothing.
+        seed: shuffle seed.
+        **aug: keyword arguments of :func:`augment_batch`.
+    """
+    masks = masks.reshape(masks.shape[:3] + (1,)).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices((images.astype("float32"), masks))
+    if training:
+        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if training and aug:
+        ds = ds.map(lambda x, y: augment_batch(x, y, **aug), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,107 @@
+"""The ``salt`` command: papermill runs, run listings, training, prediction and data set-up.
+
+    salt run PARAMS.yaml [--name NAME] [--set key=value ...]   run notebooks 01-04 into papermill_runs/NAME
+    salt runs                                                  table of runs + papermill_runs/index.html
+    salt train PARAMS.yaml --out DIR [--folds 0,1]             train folds without notebooks (resumable)
+    salt predict --model models/NAME --images DIR --out submission.csv
+    salt data [--kaggle]                                       show (or download) the data folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cmd_train(args) -> int:
+    from . import data, params, train
+
+    cfg = params.load(args.params, overrides=args.set)
+    if args.folds:
+        cfg["folds"] = [int(f) for f in args.folds.split(",")]
+    ds = data.load_train(cfg.get("data_dir") or None, limit=cfg.get("limit") or None)
+    folds = data.kfold(ds, cfg["n_folds"], cfg["seed"])
+    tcfg = {k: cfg[k] for k in train.DEFAULTS if k in cfg}
+    for f in cfg["folds"]:
+        train.train_fold(ds, folds, f, tcfg, Path(args.out), verbose=2)
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from . import runner
+
+    run_dir = runner.run_pipeline(args.params, name=args.name, overrides=args.set, runs_dir=args.runs_dir)
+    print(f"report: {run_dir / 'index.html'}")
+    return 0
+
+
+def _cmd_runs(args) -> int:
+    from . import runner
+
+    runner.list_runs(args.runs_dir)
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from . import predict
+
+    out = predict.predict_folder(args.model, args.images, args.out, batch_size=args.batch_size)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from . import data
+
+    root = data.download_kaggle(args.dest) if args.kaggle else data.find_data_dir(args.dest)
+    print(root)
+    return 0
+
+
+def main(argv=None) -> int:
+    from .data import DataError
+
+    parser = argparse.ArgumentParser(prog="salt", description="Salt segmentation runs and tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run notebooks 01-04 with a parameter file into papermill_runs/NAME")
+    p.add_argument("params")
+    p.add_argument("--name", help="run folder name (default: parameter file stem + time)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (YAML value)")
+    p.add_argument("--runs-dir", default=None, help="where run folders go (default papermill_runs/)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("runs", help="list runs and write papermill_runs/index.html")
+    p.add_argument("--runs-dir", default=None)
+    p.set_defaults(func=_cmd_runs)
+
+    p = sub.add_parser("train", help="train folds of a parameter file into a folder (resumable)")
+    p.add_argument("params")
+    p.add_argument("--out", required=True)
+    p.add_argument("--folds", help="comma-separated folds, overriding the file's")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("predict", help="predict a folder of PNGs with a model bundle into a submission CSV")
+    p.add_argument("--model", required=True, help="bundle folder, e.g. models/NAME")
+    p.add_argument("--images", required=True, help="folder of 101x101 PNGs")
+    p.add_argument("--out", required=True, help="submission CSV to write")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("data", help="print the data folder in use, or download it from Kaggle")
+    p.add_argument("--kaggle", action="store_true", help="download with the kaggle package (needs credentials)")
+    p.add_argument("--dest", default=None)
+    p.set_defaults(func=_cmd_data)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"salt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The TGS competition metric, in vectorized numpy.
+
+Per image: IoU between the true and predicted salt masks, then the mean over the thresholds
+0.50, 0.55, ..., 0.95 of ``[IoU > t]``. An image whose truth and prediction are both empty scores
+1; an image with exactly one of them empty scores 0. The data-set score is the mean over images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+IOU_THRESHOLDS = np.arange(0.5, 1.0, 0.05)
+
+
+def _as_masks(a, name: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim == 4 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3:
+        raise ValueError(f"{name} must have shape (N,H,W) or (N,H,W,1), got {a.shape}")
+    return a.astype(bool, copy=False) if a.dtype == bool else a > 0
+
+
+def scores_from_counts(intersection, truth_area, pred_area) -> np.ndarray:
+    """Per-image scores from pixel counts (any matching shapes).
+
+    Args:
+        intersection: pixels that are salt in both truth and prediction.
+        truth_area, pred_area: salt pixels in the truth and in the prediction.
+    Returns:
+        float64 scores in [0, 1] with the same shape.
+    """
+    intersection = np.asarray(intersection, dtype=np.float64)
+    union = np.asarray(truth_area, dtype=np.float64) + pred_area - intersection
+    iou = np.divide(intersection, union, out=np.ones_like(union), where=union > 0)
+    return (iou[..., None] > IOU_THRESHOLDS + 1e-12).mean(axis=-1)
+
+
+def image_scores(truth, pred) -> np.ndarray:
+    """Competition score of each image.
+
+    Args:
+        truth, pred: ``(N,H,W)`` or ``(N,H,W,1)`` masks, bool or 0/1 (salt where > 0).
+    Returns:
+        ``(N,)`` float64 scores in [0, 1].
+    """
+    t = _as_masks(truth, "truth")
+    p = _as_masks(pred, "pred")
+    if t.shape != p.shape:
+        raise ValueError(f"truth shape {t.shape} != pred shape {p.shape}")
+    inter = np.logical_and(t, p).sum(axis=(1, 2))
+    return scores_from_counts(inter, t.sum(axis=(1, 2)), p.sum(axis=(1, 2)))
+
+
+def competition_score(truth, pred) -> float:
+    """Mean of :func:`image_scores` over images: the Kaggle leaderboard number."""
+    return float(image_scores(truth, pred).mean())
+
+
+def threshold_counts(truth, values, thresholds):
+    """Pixel counts for the masks ``values > t`` at every cut-off ``t``, in one pass.
+
+    Args:
+        truth: ``(N,H,W)`` or ``(N,H,W,1)`` masks.
+        values: probabilities or logits, same shape as ``truth``.
+        thresholds: ``(T,)`` cut-offs (any order).
+    Returns:
+        ``(intersection, truth_area, pred_area)``: arrays of shape ``(N, T)``, ``(N, 1)``, ``(N, T)``.
+    """
+    t = _as_masks(truth, "truth").reshape(len(np.asarray(truth)), -1)
+    v = np.asarray(values)
+    if v.ndim == 4 and v.shape[-1] == 1:
+        v = v[..., 0]
+    v = v.reshape(len(t), -1)
+    if v.shape != t.shape:
+        raise ValueError(f"values shape {v.shape} != truth shape {t.shape}")
+    thr = np.asarray(thresholds, dtype=np.float64)
+    order = np.argsort(thr)
+    n_thr = len(thr)
+    # bucket k = number of sorted thresholds strictly below the value; value > thr_sorted[j] <=> k > j
+    bucket = _buckets(v, thr[order])
+    offset = (np.arange(len(t)) * (n_thr + 1))[:, None]
+    size = len(t) * (n_thr + 1)
+    all_hist = np.bincount((bucket + offset).ravel(), minlength=size).reshape(len(t), n_thr + 1)
+    truth_hist = np.bincount((bucket + offset)[t], minlength=size).reshape(len(t), n_thr + 1)
+    # counts of buckets > j: reverse cumulative sum, shifted by one
+    pred_sorted = np.cumsum(all_hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    inter_sorted = np.cumsum(truth_hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(n_thr)
+    return inter_sorted[:, inverse], t.sum(axis=1)[:, None], pred_sorted[:, inverse]
+
+
+def _buckets(values, sorted_thr):
+    """Number of ``sorted_thr`` entries strictly below each value (``searchsorted(side="left")``).
+
+    Evenly spaced cut-offs (the usual sweep) take an arithmetic fast path, corrected exactly at the
+    edges; other cut-offs use ``np.searchsorted``.
+    """
+    n = len(sorted_thr)
+    step = np.diff(sorted_thr)
+    if n < 3 or not np.allclose(step, step[0], rtol=1e-9, atol=0) or step[0] <= 0:
+        return np.searchsorted(sorted_thr, values, side="left").astype(np.int64)
+    thr = sorted_thr  # float64: comparisons below are exact, as in ``values > t``
+    k = np.ceil((values - thr[0]) * (1.0 / step[0]))
+    np.clip(k, 0, n, out=k)
+    k = k.astype(np.int64)
+    # exact correction: k counts thresholds < value
+    up = np.concatenate([thr, [np.inf]])[k]
+    k += values > up
+    down = np.concatenate([[-np.inf], thr])[k]
+    k -= values <= down
+    return k
+
+
+def sweep_thresholds(truth, values, thresholds=None, min_sizes=(0,)):
+    """Score every cut-off (and optionally every small-mask size) and pick the best.
+
+    A prediction ``values > t`` whose area is below ``min_size`` pixels is emptied.
+
+    Args:
+        truth: ``(N,H,W)`` masks.
+        values: probabilities in [0, 1] or logits, same shape.
+        thresholds: cut-offs to try; default 50 points spanning the range of ``values``
+            (0.02..0.98 for probabilities, -4..4 for logits).
+        min_sizes: small-mask sizes (pixels) to try.
+    Returns:
+        dict with ``threshold``, ``min_size``, ``score`` (the best), and ``table``: an array of
+        shape ``(len(min_sizes), len(thresholds))`` of scores, plus the tried ``thresholds`` and
+        ``min_sizes``.
+    """
+    v = np.asarray(values)
+    if thresholds is None:
+        if v.min() >= 0 and v.max() <= 1:
+            thresholds = np.linspace(0.02, 0.98, 50)
+        else:
+            thresholds = np.linspace(-4, 4, 50)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    inter, truth_area, pred_area = threshold_counts(truth, v, thresholds)
+    table = np.empty((len(min_sizes), len(thresholds)))
+    for i, m in enumerate(min_sizes):
+        keep = pred_area >= max(m, 1) if m else np.ones_like(pred_area, dtype=bool)
+        table[i] = scores_from_counts(inter * keep, truth_area, pred_area * keep).mean(axis=0)
+    i, j = np.unravel_index(np.argmax(table), table.shape)
+    return {
+        "threshold": float(thresholds[j]),
+        "min_size": int(min_sizes[i]),
+        "score": float(table[i, j]),
+        "table": table,
+        "thresholds": thresholds,
+        "min_sizes": np.asarray(min_sizes),
+    }

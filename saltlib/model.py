@@ -1,0 +1,102 @@
+"""The ResNet-U-Net: a U-Net (Ronneberger et al. 2015) whose levels are pre-activation residual
+blocks (He et al. 2016) with batch normalization (Ioffe and Szegedy 2015). It runs at the native
+101x101 size: the decoder's transposed convolutions use ``valid`` padding where a skip connection
+has an odd size (6 -> 12 -> 25 -> 50 -> 101), so no padding or cropping is needed.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+
+def _bn_relu(x, name, dtype):
+    x = layers.BatchNormalization(name=f"{name}_bn", dtype=dtype)(x)
+    return layers.Activation("relu", name=f"{name}_relu", dtype=dtype)(x)
+
+
+def residual_block(x, filters: int, name: str, activate: bool = False, dtype=None):
+    """Pre-activation residual block: BN-ReLU-conv3x3-BN-ReLU-conv3x3, plus the input.
+
+    Args:
+        x: ``(B, H, W, filters)`` tensor.
+        filters: channels (must equal the input's).
+        name: prefix for the layer names.
+        activate: add a final BN-ReLU (used on the last block of a level).
+    Returns:
+        tensor of the same shape.
+    """
+    y = _bn_relu(x, f"{name}_pre", dtype)
+    y = layers.Conv2D(filters, 3, padding="same", name=f"{name}_conv1", dtype=dtype)(y)
+    y = _bn_relu(y, f"{name}_mid", dtype)
+    y = layers.Conv2D(filters, 3, padding="same", name=f"{name}_conv2", dtype=dtype)(y)
+    y = layers.Add(name=f"{name}_add", dtype=dtype)([y, x])
+    if activate:
+        y = _bn_relu(y, f"{name}_out", dtype)
+    return y
+
+
+def _level(x, filters, blocks, name, dtype):
+    x = layers.Conv2D(filters, 3, padding="same", name=f"{name}_conv", dtype=dtype)(x)
+    for b in range(blocks):
+        x = residual_block(x, filters, f"{name}_res{b + 1}", activate=b == blocks - 1, dtype=dtype)
+    return x
+
+
+def build_resnet_unet(
+    input_shape=(101, 101, 1),
+    base_filters: int = 16,
+    depth: int = 4,
+    blocks_per_level: int = 2,
+    dropout: float = 0.5,
+    dtype_policy: str | None = None,
+    name: str = "resnet_unet",
+) -> keras.Model:
+    """Build the ResNet-U-Net.
+
+    Args:
+        input_shape: ``(H, W, C)``; 101x101 works natively, as does any size whose halvings the
+            decoder can undo (``same`` or ``valid`` transposed convolutions).
+        base_filters: channels of the first level; level ``i`` has ``base_filters * 2**i`` and the
+            bottleneck ``base_filters * 2**depth``.
+        depth: number of down-sampling levels (4 gives 101 -> 50 -> 25 -> 12 -> 6).
+        blocks_per_level: residual blocks after each level's first convolution.
+        dropout: rate after each pooling and each skip concatenation (half of it after the first
+            pooling); 0 disables dropout.
+        dtype_policy: Keras dtype policy for the layers, e.g. ``"mixed_bfloat16"``; the output
+            layer always computes in float32.
+        name: model name.
+    Returns:
+        a ``keras.Model`` mapping ``(B, H, W, C)`` images in [0, 1] to ``(B, H, W, 1)`` float32
+        logits (apply a sigmoid for probabilities).
+    """
+    if depth < 1 or base_filters < 1 or blocks_per_level < 0 or not 0 <= dropout < 1:
+        raise ValueError(
+            f"bad model shape: depth={depth}, base_filters={base_filters}, "
+            f"blocks_per_level={blocks_per_level}, dropout={dropout}"
+        )
+    dt = dtype_policy
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = inputs
+    skips = []
+    for i in range(depth):
+        x = _level(x, base_filters * 2**i, blocks_per_level, f"enc{i + 1}", dt)
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"enc{i + 1}_pool", dtype=dt)(x)
+        if dropout:
+            x = layers.Dropout(dropout / 2 if i == 0 else dropout, name=f"enc{i + 1}_drop", dtype=dt)(x)
+    x = _level(x, base_filters * 2**depth, blocks_per_level, "middle", dt)
+    for i in reversed(range(depth)):
+        skip = skips[i]
+        f = base_filters * 2**i
+        in_size, out_size = x.shape[1], skip.shape[1]
+        padding = "same" if out_size == 2 * in_size else "valid"
+        if padding == "valid" and out_size != 2 * in_size + 1:
+            raise ValueError(f"cannot up-sample {in_size} to {out_size} at level {i + 1}")
+        x = layers.Conv2DTranspose(f, 3, strides=2, padding=padding, name=f"dec{i + 1}_up", dtype=dt)(x)
+        x = layers.Concatenate(name=f"dec{i + 1}_concat", dtype=dt)([x, skip])
+        if dropout:
+            x = layers.Dropout(dropout, name=f"dec{i + 1}_drop", dtype=dt)(x)
+        x = _level(x, f, blocks_per_level, f"dec{i + 1}", dt)
+    outputs = layers.Conv2D(1, 1, name="logits", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name=name)

@@ -1,0 +1,246 @@
+"""Staged, resumable training of one cross-validation fold.
+
+A fold trains through *stages* (for example BCE, then the Lovász hinge), each with its own loss
+and a cosine learning-rate decay. Every epoch is checkpointed with ``keras.callbacks.BackupAndRestore``
+(weights, optimizer state and epoch), and a finished stage leaves its weights behind, so a killed
+run started again in the same folder resumes from its last completed epoch, and a finished fold is
+not retrained.
+
+Files in a fold folder ``OUT/fold<k>/``::
+
+    stage<i>.weights.h5   weights after stage i finished
+    backup/               the in-progress stage's BackupAndRestore checkpoint
+    history.csv           one row per epoch: stage, loss, learning rate, val_score
+    model.keras           the final model (written last, atomically)
+    oof.npz               out-of-fold ids, logits and flipped-TTA logits (float16)
+    done.json             marks the fold finished, with its scores and timings
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import io, metric
+
+DEFAULTS = {
+    "seed": 42,
+    "n_folds": 5,
+    "base_filters": 16,
+    "depth": 4,
+    "blocks_per_level": 2,
+    "dropout": 0.5,
+    "mixed_precision": True,
+    "batch_size": 32,
+    "stages": [{"loss": "bce", "epochs": 30, "lr": 0.003}, {"loss": "lovasz", "epochs": 30, "lr": 0.001}],
+    "min_lr": 1e-5,
+    "flip": True,
+    "zoom": 0.1,
+    "p_zoom": 0.5,
+    "brightness": 0.1,
+    "val_every": 1,
+    "strategy": "default",
+}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN loss, say). The message says why."""
+
+
+def build_model(cfg: dict):
+    """The ResNet-U-Net described by a training configuration."""
+    from .model import build_resnet_unet
+
+    return build_resnet_unet(
+        base_filters=cfg["base_filters"],
+        depth=cfg["depth"],
+        blocks_per_level=cfg["blocks_per_level"],
+        dropout=cfg["dropout"],
+        dtype_policy="mixed_bfloat16" if cfg["mixed_precision"] else None,
+    )
+
+
+def predict_logits(model, images, batch_size: int = 64, tta: bool = False) -> np.ndarray:
+    """Logits ``(N, H, W)`` float32 for ``(N, H, W, 1)`` images; ``tta`` averages in the
+    left-right flipped prediction (flipped back)."""
+    out = np.asarray(model.predict(images, batch_size=batch_size, verbose=0), np.float32)[..., 0]
+    if tta:
+        flipped = np.asarray(model.predict(images[:, :, ::-1], batch_size=batch_size, verbose=0))
+        out = 0.5 * (out + flipped[..., 0][:, :, ::-1].astype(np.float32))
+    return out
+
+
+def _callbacks_module():
+    import keras
+
+    class ValScore(keras.callbacks.Callback):
+        """Adds ``val_score`` (competition metric at logit 0) and the learning rate to the logs."""
+
+        def __init__(self, images, masks, every, stage):
+            super().__init__()
+            self.images, self.masks, self.every, self.stage = images, masks, every, stage
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            logs["stage"] = self.stage
+            lr = self.model.optimizer.learning_rate
+            logs["lr"] = float(np.asarray(lr))
+            if len(self.images) and self.every and (epoch + 1) % self.every == 0:
+                logits = predict_logits(self.model, self.images)
+                logs["val_score"] = metric.competition_score(self.masks, logits > 0)
+            else:
+                logs["val_score"] = float("nan")
+
+    class StopOnNaN(keras.callbacks.Callback):
+        """Raises :class:`TrainingError` as soon as the loss is NaN or infinite."""
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                self.model.stop_training = True
+                raise TrainingError(
+                    f"loss became {loss} at batch {batch}; lower the learning rate or check the data"
+                )
+
+    class History(keras.callbacks.Callback):
+        """Appends each epoch's logs to a CSV, rewriting it atomically."""
+
+        def __init__(self, path, stage):
+            super().__init__()
+            self.path, self.stage = Path(path), stage
+
+        def on_epoch_end(self, epoch, logs=None):
+            import pandas as pd
+
+            rows = pd.read_csv(self.path) if self.path.exists() else pd.DataFrame()
+            if len(rows):
+                rows = rows[~((rows["stage"] == self.stage) & (rows["epoch"] >= epoch + 1))]
+            row = {"stage": self.stage, "epoch": epoch + 1, "time": time.time()}
+            row.update({k: float(v) for k, v in (logs or {}).items() if k != "stage"})
+            rows = pd.concat([rows, pd.DataFrame([row])], ignore_index=True)
+            io.write_text(self.path, rows.to_csv(index=False))
+
+    return ValScore, StopOnNaN, History
+
+
+def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbose: int = 2) -> dict:
+    """Train (or resume, or skip if finished) one fold and return its summary.
+
+    Args:
+        dataset: a :class:`saltlib.data.SaltDataset` with masks.
+        folds: ``(N,)`` fold number of each image (see :func:`saltlib.data.kfold`).
+        fold: the fold held out for validation.
+        cfg: training configuration; missing keys take :data:`DEFAULTS`.
+        out_dir: the run's model folder; this fold writes ``out_dir/fold<fold>/``.
+        verbose: Keras ``fit`` verbosity (2 = one line per epoch, good for logs).
+    Returns:
+        dict with ``fold``, ``val_score`` (final model, logit 0, no TTA), ``val_score_tta``,
+        ``epochs``, ``seconds`` (training time, summed over resumed sessions) and file paths.
+    Raises:
+        TrainingError: on a NaN loss.
+    """
+    import keras
+
+    from . import augment, distribute, losses
+
+    cfg = {**DEFAULTS, **cfg}
+    fold_dir = Path(out_dir) / f"fold{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    done_path = fold_dir / "done.json"
+    if done_path.exists():
+        summary = json.loads(done_path.read_text())
+        print(f"fold {fold}: already trained (val_score {summary['val_score']:.4f}), skipping")
+        return summary
+
+    train_idx, val_idx = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+    x_tr, y_tr = dataset.images[train_idx], dataset.masks[train_idx]
+    x_va, y_va = dataset.images[val_idx], dataset.masks[val_idx]
+    strategy = distribute.get_strategy(cfg["strategy"])
+    replicas = strategy.num_replicas_in_sync
+    global_batch = cfg["batch_size"] * replicas
+    steps = math.ceil(len(train_idx) / global_batch)
+    ValScore, StopOnNaN, History = _callbacks_module()
+    timing_path = fold_dir / "timing.json"
+    seconds = json.loads(timing_path.read_text())["seconds"] if timing_path.exists() else 0.0
+
+    keras.utils.set_random_seed(cfg["seed"] + fold)
+    with strategy.scope():
+        model = build_model(cfg)
+    print(
+        f"fold {fold}: {len(train_idx)} train / {len(val_idx)} val images, "
+        f"{model.count_params():,} parameters, {replicas} replica(s), global batch {global_batch}"
+    )
+    for s, stage in enumerate(cfg["stages"], start=1):
+        stage_path = fold_dir / f"stage{s}.weights.h5"
+        if stage_path.exists():
+            print(f"fold {fold} stage {s} ({stage['loss']}): finished earlier, loading its weights")
+            model.load_weights(stage_path)
+            continue
+        if s > 1:
+            model.load_weights(fold_dir / f"stage{s - 1}.weights.h5")
+        lr = stage["lr"] * replicas
+        with strategy.scope():
+            schedule = keras.optimizers.schedules.CosineDecay(
+                lr, decay_steps=max(1, stage["epochs"] * steps), alpha=min(1.0, cfg["min_lr"] / lr)
+            )
+            model.compile(
+                optimizer=keras.optimizers.Adam(schedule),
+                loss=losses.get_loss(stage["loss"]),
+                jit_compile=False,
+            )
+        ds = augment.make_dataset(
+            x_tr, y_tr, global_batch, training=True, seed=cfg["seed"] + 1000 * fold + s,
+            flip=cfg["flip"], zoom=cfg["zoom"], p_zoom=cfg["p_zoom"], brightness=cfg["brightness"],
+        )
+        backup = keras.callbacks.BackupAndRestore(str(fold_dir / f"backup{s}"), delete_checkpoint=False)
+        print(f"fold {fold} stage {s}: loss {stage['loss']}, {stage['epochs']} epochs, lr {lr:g} (cosine)")
+        start = time.time()
+        try:
+            model.fit(
+                ds,
+                epochs=stage["epochs"],
+                verbose=verbose,
+                shuffle=False,
+                callbacks=[
+                    StopOnNaN(),
+                    ValScore(x_va, y_va, cfg["val_every"], s),
+                    backup,
+                    History(fold_dir / "history.csv", s),
+                ],
+            )
+        finally:
+            seconds += time.time() - start
+            io.write_json(timing_path, {"seconds": seconds})
+        with io.atomic_path(stage_path) as tmp:
+            model.save_weights(tmp)
+        shutil.rmtree(fold_dir / f"backup{s}", ignore_errors=True)
+
+    logits = predict_logits(model, x_va)
+    logits_tta = predict_logits(model, x_va, tta=True)
+    with io.atomic_path(fold_dir / "model.keras") as tmp:
+        model.save(tmp)
+    with io.atomic_path(fold_dir / "oof.npz") as tmp:
+        np.savez_compressed(
+            tmp, ids=dataset.ids[val_idx], logits=logits.astype(np.float16),
+            logits_tta=logits_tta.astype(np.float16),
+        )
+    summary = {
+        "fold": fold,
+        "n_train": int(len(train_idx)),
+        "n_val": int(len(val_idx)),
+        "val_score": metric.competition_score(y_va, logits > 0),
+        "val_score_tta": metric.competition_score(y_va, logits_tta > 0),
+        "epochs": int(sum(st["epochs"] for st in cfg["stages"])),
+        "seconds": round(seconds, 1),
+        "train_images_per_s": round(
+            len(train_idx) * sum(st["epochs"] for st in cfg["stages"]) / max(seconds, 1e-9), 2
+        ),
+    }
+    io.write_json(done_path, summary)
+    print(f"fold {fold}: val_score {summary['val_score']:.4f}, with flip TTA {summary['val_score_tta']:.4f}")
+    return summary
