@@ -26,26 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io, metric
+from . import io, metric, params
 
-DEFAULTS = {
-    "seed": 42,
-    "n_folds": 5,
-    "base_filters": 16,
-    "depth": 4,
-    "blocks_per_level": 2,
-    "dropout": 0.5,
-    "mixed_precision": True,
-    "batch_size": 32,
-    "stages": [{"loss": "bce", "epochs": 30, "lr": 0.003}, {"loss": "lovasz", "epochs": 30, "lr": 0.001}],
-    "min_lr": 1e-5,
-    "flip": True,
-    "zoom": 0.1,
-    "p_zoom": 0.5,
-    "brightness": 0.1,
-    "val_every": 1,
-    "strategy": "default",
-}
+TRAIN_KEYS = (
+    "seed", "n_folds", "base_filters", "depth", "blocks_per_level", "dropout", "mixed_precision",
+    "batch_size", "stages", "min_lr", "flip", "zoom", "p_zoom", "brightness", "val_every", "strategy",
+)
+#: training configuration defaults, taken from the parameter specification
+DEFAULTS = {k: v for k, v in params.defaults().items() if k in TRAIN_KEYS}
 
 
 class TrainingError(RuntimeError):

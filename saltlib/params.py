@@ -1,0 +1,216 @@
+"""Run parameters: one specification, checked before anything runs.
+
+Every key of a parameter YAML is a parameter of one or more notebooks (the cell tagged
+``parameters``); :data:`SPEC` lists them with their type, default, allowed range and meaning.
+Papermill only warns about unknown parameters, so :func:`check` refuses them, along with wrong
+types and out-of-range values, naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+
+class ParamError(ValueError):
+    """A parameter file or value is wrong; the message names the key (and file)."""
+
+
+@dataclass(frozen=True)
+class Param:
+    type: type | tuple  # int, float, bool, str, list
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None  # returns a complaint or None
+
+
+def _range(lo=None, hi=None, lo_open=False, hi_open=False):
+    def check(v):
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            return f"must be {'>' if lo_open else '>='} {lo}"
+        if hi is not None and (v > hi or (hi_open and v == hi)):
+            return f"must be {'<' if hi_open else '<='} {hi}"
+        return None
+
+    return check
+
+
+def _one_of(*choices):
+    def check(v):
+        return None if v in choices else f"must be one of {list(choices)}"
+
+    return check
+
+
+def _int_list(lo=None, hi=None):
+    def check(v):
+        for x in v:
+            if not isinstance(x, int) or isinstance(x, bool):
+                return f"items must be integers, got {x!r}"
+            if (lo is not None and x < lo) or (hi is not None and x > hi):
+                return f"items must be in [{lo}, {hi}], got {x}"
+        return None
+
+    return check
+
+
+def _stages(v):
+    from .losses import get_loss
+
+    if not v:
+        return "needs at least one stage"
+    for i, st in enumerate(v):
+        where = f"stage {i + 1}"
+        if not isinstance(st, dict):
+            return f"{where} must be a mapping like {{loss: bce, epochs: 10, lr: 0.001}}, got {st!r}"
+        extra = set(st) - {"loss", "epochs", "lr"}
+        missing = {"loss", "epochs", "lr"} - set(st)
+        if extra or missing:
+            return f"{where} needs exactly the keys loss, epochs, lr (missing {sorted(missing)}, unknown {sorted(extra)})"
+        try:
+            get_loss(st["loss"])
+        except ValueError as e:
+            return f"{where}: {e}"
+        if not isinstance(st["epochs"], int) or isinstance(st["epochs"], bool) or st["epochs"] < 0:
+            return f"{where}: epochs must be an integer >= 0, got {st['epochs']!r}"
+        lr = st["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            return f"{where}: lr must be a number > 0, got {lr!r}"
+    return None
+
+
+SPEC: dict[str, Param] = {
+    # where things are
+    "run_dir": Param(str, "", "output folder of the run ('' = papermill_runs/interactive); set by `salt run`"),
+    "data_dir": Param(str, "", "Kaggle-layout data folder ('' = SALT_DATA_DIR, data/, ../shared/data/tgs-salt)"),
+    "limit": Param(int, 0, "use only the first N training images (0 = all)", _range(0)),
+    "seed": Param(int, 42, "seed for folds, weights, shuffling and augmentation", _range(0)),
+    # cross-validation
+    "n_folds": Param(int, 5, "number of stratified folds", _range(2, 20)),
+    "folds": Param(list, [0], "folds to train (each held out once)", _int_list(0, 19)),
+    # model
+    "base_filters": Param(int, 16, "channels of the first U-Net level", _range(1, 256)),
+    "depth": Param(int, 4, "down-sampling levels (4: 101->50->25->12->6)", _range(1, 5)),
+    "blocks_per_level": Param(int, 2, "residual blocks per level", _range(0, 8)),
+    "dropout": Param(float, 0.25, "dropout rate after pooling and skip concatenation", _range(0.0, 1.0, hi_open=True)),
+    "mixed_precision": Param(bool, True, "bfloat16 compute with float32 weights (about 2x faster on AVX512-BF16 CPUs)"),
+    # training
+    "batch_size": Param(int, 32, "images per step (per replica)", _range(1, 4096)),
+    "stages": Param(list, [{"loss": "bce", "epochs": 30, "lr": 0.003}, {"loss": "lovasz", "epochs": 30, "lr": 0.001}],
+                    "training stages: loss name, epochs and peak learning rate (cosine decay)", _stages),
+    "min_lr": Param(float, 1e-5, "learning rate at the end of each stage's cosine decay", _range(0.0, lo_open=True)),
+    "flip": Param(bool, True, "random left-right flips"),
+    "zoom": Param(float, 0.1, "largest zoom-in crop fraction (scale + shift augmentation)", _range(0.0, 0.5)),
+    "p_zoom": Param(float, 0.5, "probability of the zoom augmentation", _range(0.0, 1.0)),
+    "brightness": Param(float, 0.1, "largest brightness/contrast change", _range(0.0, 0.5)),
+    "val_every": Param(int, 1, "score the held-out fold every N epochs (0 = never)", _range(0)),
+    "strategy": Param(str, "default", "tf.distribute strategy", _one_of("default", "mirrored", "multi_worker")),
+    # notebooks
+    "n_samples": Param(int, 12, "images shown in galleries", _range(1, 100)),
+    "min_sizes": Param(list, [0, 10, 25, 50, 100, 200], "small-mask sizes (pixels) tried in post-processing", _int_list(0, 10201)),
+    "test_dir": Param(str, "", "folder of test PNGs ('' = DATA/test/images)"),
+    "test_limit": Param(int, 0, "predict only the first N test images (0 = all)", _range(0)),
+}
+
+
+def defaults() -> dict:
+    """Every parameter at its default (deep copies of lists)."""
+    import copy
+
+    return {k: copy.deepcopy(p.default) for k, p in SPEC.items()}
+
+
+def _type_ok(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def check(values: dict, source: str = "parameters") -> dict:
+    """Check parameter values against :data:`SPEC`.
+
+    Args:
+        values: parameter name -> value (a partial set is fine).
+        source: where they came from, for messages (a file name or ``--set``).
+    Returns:
+        ``values`` with ints given for float parameters turned into floats.
+    Raises:
+        ParamError: for the first unknown key (with a close match if any), wrong type or bad value.
+    """
+    if not isinstance(values, dict):
+        raise ParamError(f"{source}: must be a mapping of parameter: value, got {type(values).__name__}")
+    out = {}
+    for key, value in values.items():
+        if key not in SPEC:
+            close = difflib.get_close_matches(str(key), SPEC, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ParamError(f"{source}: unknown parameter {key!r}{hint}")
+        p = SPEC[key]
+        if not _type_ok(value, p.type):
+            raise ParamError(
+                f"{source}: parameter {key!r} must be {p.type.__name__}, got {type(value).__name__} {value!r}"
+            )
+        if p.type is float:
+            value = float(value)
+        if p.check:
+            complaint = p.check(value)
+            if complaint:
+                raise ParamError(f"{source}: parameter {key!r} {complaint} (got {value!r})")
+        out[key] = value
+    if "folds" in out or "n_folds" in out:
+        merged = {**defaults(), **out}
+        bad = [f for f in merged["folds"] if f >= merged["n_folds"]]
+        if bad:
+            raise ParamError(f"{source}: parameter 'folds' has fold {bad[0]} but n_folds is {merged['n_folds']}")
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"key=value"`` -> ``(key, value)`` with the value read as YAML (``epochs=3`` gives an int)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ParamError(f"--set {text!r}: expected KEY=VALUE")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ParamError(f"--set {text!r}: value is not valid YAML ({e})") from None
+    return key.strip(), value
+
+
+def read_yaml(path) -> dict:
+    """Read a parameter file with the safe YAML loader; it must hold a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"parameter file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamError(f"{path}: not valid YAML ({e})") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ParamError(f"{path}: must be a mapping of parameter: value, got {type(values).__name__}")
+    return values
+
+
+def load(path=None, overrides=()) -> dict:
+    """Defaults, then the file, then ``KEY=VALUE`` overrides, each checked.
+
+    Returns:
+        the complete, checked parameter dict.
+    """
+    values = defaults()
+    if path is not None:
+        values.update(check(read_yaml(path), str(path)))
+    for text in overrides or ():
+        key, value = parse_override(text)
+        values.update(check({key: value}, f"--set {text}"))
+    check(values, str(path or "parameters"))
+    return values
