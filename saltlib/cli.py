@@ -5,6 +5,7 @@
     salt train PARAMS.yaml --out DIR [--folds 0,1]             train folds without notebooks (resumable)
     salt predict --model models/NAME --images DIR --out submission.csv
     salt data [--kaggle]                                       show (or download) the data folder
+    salt kernel                                                install the 'salt' Jupyter kernel spec
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _cmd_kernel(args) -> int:
+    from . import runner
+
+    print(runner.ensure_kernel())
+    return 0
+
+
 def main(argv=None) -> int:
     from .data import DataError
 
@@ -94,6 +102,9 @@ def main(argv=None) -> int:
     p.add_argument("--kaggle", action="store_true", help="download with the kaggle package (needs credentials)")
     p.add_argument("--dest", default=None)
     p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("kernel", help="install the project's Jupyter kernel spec ('salt') into this environment")
+    p.set_defaults(func=_cmd_kernel)
 
     args = parser.parse_args(argv)
     try:
