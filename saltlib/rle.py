@@ -58,25 +58,30 @@ def decode(rle, shape=SHAPE) -> np.ndarray:
     if len(tokens) % 2:
         raise ValueError(f"RLE has an odd number of values ({len(tokens)}): {_short(rle)}")
     try:
-        values = np.array([int(t) for t in tokens], dtype=np.int64)
+        raw = [int(t) for t in tokens]
     except ValueError:
         bad = next(t for t in tokens if not _is_int(t))
         raise ValueError(f"RLE value {bad!r} is not an integer: {_short(rle)}") from None
+    # clip to [-1, n + 1] so huge values cannot overflow int64; every check below is unchanged by
+    # the clipping, and messages quote the values as written (``raw``)
+    values = np.array([min(max(v, -1), n + 1) for v in raw], dtype=np.int64)
     starts, lengths = values[0::2], values[1::2]
     if (starts < 1).any():
-        raise ValueError(f"RLE start {starts[starts < 1][0]} is below 1: {_short(rle)}")
+        raise ValueError(f"RLE start {raw[2 * int(np.argmax(starts < 1))]} is below 1: {_short(rle)}")
     if (lengths < 1).any():
-        raise ValueError(f"RLE run length {lengths[lengths < 1][0]} is below 1: {_short(rle)}")
+        raise ValueError(
+            f"RLE run length {raw[2 * int(np.argmax(lengths < 1)) + 1]} is below 1: {_short(rle)}"
+        )
     ends = starts - 1 + lengths  # exclusive, 0-indexed
     if (ends > n).any():
         i = int(np.argmax(ends > n))
         raise ValueError(
-            f"RLE run {starts[i]} {lengths[i]} ends past pixel {n} of a {h}x{w} mask: {_short(rle)}"
+            f"RLE run {raw[2 * i]} {raw[2 * i + 1]} ends past pixel {n} of a {h}x{w} mask: {_short(rle)}"
         )
     if len(starts) > 1 and (starts[1:] - 1 < ends[:-1]).any():
         i = int(np.argmax(starts[1:] - 1 < ends[:-1])) + 1
         raise ValueError(
-            f"RLE runs overlap or are out of order at run {starts[i]} {lengths[i]}: {_short(rle)}"
+            f"RLE runs overlap or are out of order at run {raw[2 * i]} {raw[2 * i + 1]}: {_short(rle)}"
         )
     # mark run starts +1 and ends -1, then a cumulative sum fills the runs
     delta = np.zeros(n + 1, dtype=np.int32)
