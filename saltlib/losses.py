@@ -12,6 +12,8 @@ variant that tracks the per-image competition metric.
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import ops
 
@@ -105,13 +107,15 @@ def get_loss(spec: str):
         raise ValueError(f"loss must be a non-empty string like 'bce+lovasz', got {spec!r}")
     terms = []
     for term in spec.replace(" ", "").split("+"):
-        weight, _, name = term.rpartition("*")
+        weight, star, name = term.rpartition("*")
         if name not in LOSSES:
             raise ValueError(f"unknown loss {name!r} in {spec!r}; choose from {sorted(LOSSES)}")
         try:
-            w = float(weight) if weight else 1.0
+            w = float(weight) if star else 1.0
         except ValueError:
-            raise ValueError(f"bad loss weight {weight!r} in {spec!r}") from None
+            w = float("nan")
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"bad loss weight {weight!r} in {spec!r}: need a finite number >= 0") from None
         terms.append((w, LOSSES[name]))
 
     def loss(y_true, y_pred):
