@@ -1,0 +1,373 @@
+#!/usr/bin/env python
+"""Speed and memory of the shipped model bundle against a reference model, on this machine.
+
+For each configuration, in its own subprocess (so peak memory is clean):
+
+* inference images/s of the whole bundle (every ensemble member), without and with left-right
+  flip TTA, on synthetic 101x101 images after a warm-up pass;
+* training images/s of one model of that shape (``train_on_batch``, batch 32 by default, Adam,
+  BCE + Lovász loss, synthetic images and masks), timed after warm-up steps;
+* peak resident memory (VmHWM of the process): after inference, and overall (after training).
+
+Configurations: ``bundle`` (``--model``, default the first ``models/*/bundle.json``) and
+``reference``, shaped like the original repository's model (16 base filters, 101x101 input,
+two residual blocks per level, depth 4, float32, dropout 0.5). ``--configs`` adds variants of
+the reference, e.g. ``w32`` (32 base filters), ``w16-bf16`` (mixed bfloat16), ``w32-bf16``,
+``w16-b1`` (one residual block per level), ``w16-d3`` (depth 3). Padded 128x128 input is not
+supported by the model builder today and is not measured.
+
+The table gives ratios against the reference and a projection of the time the bundle needs to
+predict 18,000 images with flip TTA (model time plus PNG reading time measured on real test
+images when they are available), with whether it stays under 10 minutes.
+
+    python benchmarks/benchmark.py                       # full run (a few minutes)
+    python benchmarks/benchmark.py --quick               # seconds-scale smoke run
+    python benchmarks/benchmark.py --configs w32,w16-bf16 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECTION_IMAGES = 18_000
+PROJECTION_LIMIT_S = 600.0
+REFERENCE = {"base_filters": 16, "depth": 4, "blocks_per_level": 2, "dropout": 0.5, "bf16": False}
+
+
+# --------------------------------------------------------------------------- worker (one subprocess)
+def _rss_mb() -> tuple[float, float]:
+    """(current RSS, peak RSS) of this process in MB, from /proc (ru_maxrss as a fallback)."""
+    cur = peak = None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                cur = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    if peak is None:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        cur = cur or peak
+    return cur, peak
+
+
+def _synthetic(n: int, seed: int = 0):
+    """``n`` smooth random images (N,101,101,1) float32 and blob masks (N,101,101,1) float32."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:101, :101]
+    cy, cx, r = rng.uniform(0, 101, n), rng.uniform(0, 101, n), rng.uniform(5, 60, n)
+    masks = ((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2 < r[:, None, None] ** 2)
+    masks[rng.random(n) < 0.4] = False  # like the data: many empty masks
+    noise = rng.normal(0, 0.1, (n, 101, 101))
+    images = np.clip(0.5 + 0.2 * masks + noise, 0, 1).astype(np.float32)[..., None]
+    return images, masks.astype(np.float32)[..., None]
+
+
+def _time_reading(n: int) -> dict | None:
+    """Seconds per image for reading real test PNGs with saltlib.data.read_images, if available."""
+    from saltlib import data
+
+    try:
+        root = data.find_data_dir()
+    except data.DataError:
+        return None
+    folder = root / "test" / "images"
+    if not folder.is_dir():
+        folder = root / "train" / "images"
+    paths = sorted(folder.glob("*.png"))[:n]
+    if not paths:
+        return None
+    t = time.perf_counter()
+    data.read_images(paths)
+    return {"images": len(paths), "s_per_image": (time.perf_counter() - t) / len(paths), "folder": str(folder)}
+
+
+def worker(spec: dict) -> dict:
+    """Measure one configuration; see the module docstring. Returns a JSON-able dict."""
+    t_start = time.perf_counter()
+    import keras
+    import numpy as np
+
+    from saltlib import losses, predict
+    from saltlib.model import build_resnet_unet
+
+    res = {"name": spec["name"], "rss_after_import_mb": round(_rss_mb()[0], 1)}
+    if spec.get("bundle"):
+        b = predict.load_bundle(spec["bundle"])
+        models = b.models
+        res.update(
+            source=str(spec["bundle"]), n_models=len(models), bundle_tta=b.tta,
+            dtype=next(l for l in models[0].layers if isinstance(l, keras.layers.Conv2D)).dtype_policy.name,
+        )
+    else:
+        keras.utils.set_random_seed(0)
+        m = build_resnet_unet(
+            base_filters=spec["base_filters"], depth=spec["depth"], blocks_per_level=spec["blocks_per_level"],
+            dropout=spec["dropout"], dtype_policy="mixed_bfloat16" if spec["bf16"] else None,
+        )
+        models = [m]
+        b = predict.Bundle(models=models, tta=True)
+        res.update(
+            n_models=1, dtype="mixed_bfloat16" if spec["bf16"] else "float32",
+            shape={k: spec[k] for k in ("base_filters", "depth", "blocks_per_level", "dropout")},
+        )
+    res["params_per_model"] = int(models[0].count_params())
+
+    # inference: whole ensemble, without and with flip TTA, after a warm-up on the same shapes
+    n_inf, ib = spec["infer_images"], spec["infer_batch_size"]
+    x, _ = _synthetic(n_inf, seed=1)
+    b.predict_logits(x[: 2 * ib], batch_size=ib, tta=True)  # traces predict for every model
+    for tta in (False, True):
+        t = time.perf_counter()
+        b.predict_logits(x, batch_size=ib, tta=tta)
+        res["infer_tta_img_s" if tta else "infer_img_s"] = n_inf / (time.perf_counter() - t)
+    res["peak_rss_infer_mb"] = round(_rss_mb()[1], 1)
+
+    # training: one model of this shape, batch `batch_size`, timed after warm-up steps
+    bs, warm, steps = spec["batch_size"], spec["warmup_steps"], spec["train_steps"]
+    model = models[0]
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=losses.get_loss("bce+lovasz"), jit_compile=False)
+    xs, ys = _synthetic(bs * 4, seed=2)
+    batches = [(xs[i * bs:(i + 1) * bs], ys[i * bs:(i + 1) * bs]) for i in range(4)]
+    t = time.perf_counter()
+    model.train_on_batch(*batches[0])
+    res["first_step_s"] = time.perf_counter() - t
+    for i in range(warm):
+        model.train_on_batch(*batches[(i + 1) % 4])
+    t = time.perf_counter()
+    for i in range(steps):
+        loss = model.train_on_batch(*batches[i % 4])
+    res["train_img_s"] = steps * bs / (time.perf_counter() - t)
+    res["train_loss_finite"] = bool(np.isfinite(np.asarray(loss, dtype=float)).all())
+    res["peak_rss_mb"] = round(_rss_mb()[1], 1)
+    if spec.get("read_images"):
+        res["reading"] = _time_reading(spec["read_images"])
+    res["worker_s"] = time.perf_counter() - t_start
+    return res
+
+
+# --------------------------------------------------------------------------- driver
+def default_bundle() -> Path | None:
+    """The first folder under models/ (sorted) that holds a bundle.json, or None."""
+    found = sorted(p.parent for p in (ROOT / "models").glob("*/bundle.json"))
+    return found[0] if found else None
+
+
+def parse_variant(text: str) -> dict:
+    """``w<filters>[-bf16][-b<blocks>][-d<depth>][-drop<rate>]`` -> a reference-like model spec."""
+    m = re.fullmatch(r"w(\d+)((?:-bf16|-fp32|-b\d+|-d\d+|-drop[0-9.]+)*)", text.strip())
+    if not m:
+        if "128" in text or "pad" in text:
+            raise SystemExit(f"--configs {text!r}: padded 128x128 input is not supported by saltlib.model today")
+        raise SystemExit(f"--configs {text!r}: expected w<filters>[-bf16][-b<blocks>][-d<depth>][-drop<rate>], e.g. w32-bf16")
+    spec = dict(REFERENCE, base_filters=int(m.group(1)), name=text.strip())
+    for part in filter(None, m.group(2).split("-")):
+        if part == "bf16":
+            spec["bf16"] = True
+        elif part == "fp32":
+            spec["bf16"] = False
+        elif part.startswith("drop"):
+            spec["dropout"] = float(part[4:])
+        elif part.startswith("b"):
+            spec["blocks_per_level"] = int(part[1:])
+        elif part.startswith("d"):
+            spec["depth"] = int(part[1:])
+    return spec
+
+
+def run_worker(spec: dict, verbose: bool) -> dict:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode != 0 or not lines:
+        sys.stderr.write(p.stdout[-4000:] + p.stderr[-4000:])
+        raise SystemExit(f"benchmark of {spec['name']!r} failed (exit {p.returncode})")
+    if verbose:
+        sys.stderr.write(p.stderr)
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["subprocess_s"] = time.perf_counter() - t
+    return res
+
+
+def _fmt(v, nd=1):
+    return "-" if v is None else f"{v:,.{nd}f}"
+
+
+def print_table(rows: list[dict], ref: dict | None) -> list[dict]:
+    cols = [
+        ("config", lambda r: r["name"], 14),
+        ("models", lambda r: str(r["n_models"]), 6),
+        ("params/model", lambda r: f"{r['params_per_model']:,}", 12),
+        ("dtype", lambda r: r["dtype"].replace("mixed_", ""), 9),
+        ("train img/s", lambda r: _fmt(r["train_img_s"]), 11),
+        ("infer img/s", lambda r: _fmt(r["infer_img_s"]), 11),
+        ("infer+TTA img/s", lambda r: _fmt(r["infer_tta_img_s"]), 15),
+        ("peak RSS infer MB", lambda r: _fmt(r["peak_rss_infer_mb"], 0), 17),
+        ("peak RSS MB", lambda r: _fmt(r["peak_rss_mb"], 0), 11),
+    ]
+    head = " | ".join(name.ljust(w) for name, _, w in cols)
+    print(head)
+    print("-|-".join("-" * w for _, _, w in cols))
+    for r in rows:
+        print(" | ".join(f(r).ljust(w) for _, f, w in cols))
+    ratios = []
+    if ref is not None:
+        print()
+        print("ratio to reference (x / reference): train img/s | infer img/s | infer+TTA img/s | peak RSS")
+        for r in rows:
+            if r is ref:
+                continue
+            q = {
+                "name": r["name"],
+                "train_img_s": r["train_img_s"] / ref["train_img_s"],
+                "infer_img_s": r["infer_img_s"] / ref["infer_img_s"],
+                "infer_tta_img_s": r["infer_tta_img_s"] / ref["infer_tta_img_s"],
+                "peak_rss_mb": r["peak_rss_mb"] / ref["peak_rss_mb"],
+            }
+            ratios.append(q)
+            print(
+                f"  {r['name']:<14} {q['train_img_s']:.2f}x | {q['infer_img_s']:.2f}x | "
+                f"{q['infer_tta_img_s']:.2f}x | {q['peak_rss_mb']:.2f}x"
+            )
+    return ratios
+
+
+def projection(bundle_row: dict) -> dict:
+    """Seconds to predict PROJECTION_IMAGES images with the bundle and flip TTA, plus reading them."""
+    model_s = PROJECTION_IMAGES / bundle_row["infer_tta_img_s"]
+    reading = bundle_row.get("reading")
+    read_s = PROJECTION_IMAGES * reading["s_per_image"] if reading else 0.0
+    total = model_s + read_s
+    return {
+        "images": PROJECTION_IMAGES, "tta": True, "model_s": model_s, "read_s": read_s,
+        "read_measured": bool(reading), "seconds": total, "limit_s": PROJECTION_LIMIT_S,
+        "under_limit": total < PROJECTION_LIMIT_S,
+    }
+
+
+def machine_info() -> dict:
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import importlib.metadata as md
+
+        info["tensorflow"] = md.version("tensorflow-cpu") if _has("tensorflow-cpu") else md.version("tensorflow")
+        info["keras"] = md.version("keras")
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return info
+
+
+def _has(dist: str) -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.version(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="bundle folder (default: the first models/*/bundle.json)")
+    ap.add_argument("--no-bundle", action="store_true", help="measure only the reference (and --configs)")
+    ap.add_argument("--quick", action="store_true", help="few steps and images: a smoke run of the script")
+    ap.add_argument("--configs", default="", help="comma-separated extra variants, e.g. w32,w16-bf16,w32-bf16,w16-b1")
+    ap.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
+    ap.add_argument("--infer-batch-size", type=int, default=64, help="inference batch size (default 64)")
+    ap.add_argument("--train-steps", type=int, help="timed training steps (default 20, quick 2)")
+    ap.add_argument("--warmup-steps", type=int, help="untimed steps after the first (default 3, quick 1)")
+    ap.add_argument("--infer-images", type=int, help="images per inference timing (default 512, quick 64)")
+    ap.add_argument("--read-images", type=int, help="real PNGs read to time reading (default 500, quick 20)")
+    ap.add_argument("--ref-base-filters", type=int, default=REFERENCE["base_filters"],
+                    help="base filters of the reference (default 16; smaller only to test the script)")
+    ap.add_argument("--json", help="also write the results as JSON to this path")
+    ap.add_argument("--verbose", action="store_true", help="show the workers' stderr (TensorFlow logs)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        sys.path.insert(0, str(ROOT))
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+
+    q = args.quick
+    common = {
+        "batch_size": args.batch_size,
+        "infer_batch_size": args.infer_batch_size,
+        "train_steps": args.train_steps or (2 if q else 20),
+        "warmup_steps": args.warmup_steps if args.warmup_steps is not None else (1 if q else 3),
+        "infer_images": args.infer_images or (64 if q else 512),
+    }
+    specs = []
+    bundle = None if args.no_bundle else (Path(args.model) if args.model else default_bundle())
+    if bundle is not None:
+        from saltlib.predict import read_bundle_spec  # fail here, clearly, on an incomplete bundle
+
+        read_bundle_spec(bundle)
+        specs.append({**common, "name": "bundle", "bundle": str(bundle),
+                      "read_images": args.read_images or (20 if q else 500)})
+    else:
+        print("no model bundle found under models/ (or --no-bundle): measuring the reference only\n")
+    ref_spec = {**REFERENCE, **common, "name": "reference", "base_filters": args.ref_base_filters}
+    specs.append(ref_spec)
+    for v in filter(None, args.configs.split(",")):
+        specs.append({**parse_variant(v), **common})
+
+    info = machine_info()
+    print(f"machine: {info.get('cpu', '?')}, {info['cpu_count']} cores; TensorFlow {info.get('tensorflow', '?')}, "
+          f"Keras {info.get('keras', '?')}")
+    print(f"training: batch {common['batch_size']}, {common['warmup_steps']} warm-up + {common['train_steps']} timed "
+          f"steps, synthetic data, bce+lovasz; inference: {common['infer_images']} images, batch "
+          f"{common['infer_batch_size']}{' (QUICK: figures are rough)' if q else ''}")
+    print(f"reference: {ref_spec['base_filters']} base filters, 101x101, depth 4, 2 residual blocks per level, "
+          f"float32, dropout 0.5\n")
+    rows = []
+    for s in specs:
+        print(f"measuring {s['name']} ...", file=sys.stderr, flush=True)
+        rows.append(run_worker(s, args.verbose))
+    ref = next(r for r in rows if r["name"] == "reference")
+    ratios = print_table(rows, ref)
+    result = {"machine": info, "settings": {**common, "quick": q}, "rows": rows, "ratios": ratios}
+    if bundle is not None:
+        pr = projection(rows[0])
+        result["projection"] = pr
+        read = (f"{pr['read_s']:.0f} s reading PNGs" if pr["read_measured"] else "PNG reading not measured (no data)")
+        print(
+            f"\nprojection: {PROJECTION_IMAGES:,} images with the bundle ({rows[0]['n_models']} model(s), flip TTA): "
+            f"{pr['seconds'] / 60:.1f} min ({pr['model_s']:.0f} s model, {read}) -> "
+            f"{'UNDER' if pr['under_limit'] else 'OVER'} the 10-minute target"
+        )
+    if args.json:
+        from saltlib import io
+
+        io.write_json(args.json, result)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

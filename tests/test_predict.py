@@ -1,0 +1,350 @@
+"""Tests of saltlib.predict (post-processing, bundles, submissions, predict_folder, `salt predict`)
+and of the benchmark script. Tiny models (2 base filters, depth 1) keep them fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from saltlib import predict, rle
+from saltlib.data import DataError
+from saltlib.predict import BundleError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- helpers / fixtures
+def tiny_model(seed: int):
+    import keras
+
+    from saltlib.model import build_resnet_unet
+
+    keras.utils.set_random_seed(seed)
+    return build_resnet_unet(base_filters=2, depth=1, blocks_per_level=1, dropout=0.0, name=f"tiny{seed}")
+
+
+def tiny_images(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    # smooth-ish random images so predictions are not constant
+    x = rng.random((n, 101, 101, 1)).astype(np.float32)
+    return ((x + x[:, ::-1] * 0.5 + np.linspace(0, 1, 101)[None, None, :, None]) / 2.5).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two tiny models saved as .keras files: (paths, in-memory models)."""
+    d = tmp_path_factory.mktemp("models")
+    paths, ms = [], []
+    for s in range(2):
+        m = tiny_model(s)
+        p = d / f"m{s}.keras"
+        m.save(p)
+        paths.append(p)
+        ms.append(m)
+    return paths, ms
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(models, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bundle") / "b"
+    return predict.write_bundle(d, models[0], threshold=0.05, min_size=3, tta=True, meta={"cv": 0.5})
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory):
+    """A folder of 7 synthetic 101x101 PNGs (grayscale and RGB)."""
+    d = tmp_path_factory.mktemp("pngs")
+    x = tiny_images(7, seed=3)
+    for k in range(7):
+        a = np.round(x[k, :, :, 0] * 255).astype(np.uint8)
+        im = Image.fromarray(a) if k % 2 else Image.fromarray(np.stack([a] * 3, -1))
+        im.save(d / f"img{k:02d}.png")
+    return d
+
+
+def copy_dir(src: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dest)
+    return dest
+
+
+# --------------------------------------------------------------------------- postprocess
+def test_postprocess_threshold_and_min_size_boundary():
+    logits = np.full((3, 101, 101), -1.0, np.float32)
+    logits[0, :2, :2] = 0.5  # 4 pixels above 0
+    logits[1, :5, 0] = 0.5  # 5 pixels
+    logits[2, 0, 0] = 0.0  # exactly at the threshold: not salt
+    m = predict.postprocess(logits, threshold=0.0, min_size=5)
+    assert m.dtype == bool and m.shape == (3, 101, 101)
+    assert m[0].sum() == 0  # 4 < 5 -> emptied
+    assert m[1].sum() == 5  # 5 == min_size -> kept
+    assert m[2].sum() == 0  # > threshold is strict
+    m = predict.postprocess(logits, threshold=0.0, min_size=4)
+    assert m[0].sum() == 4
+    assert predict.postprocess(logits, threshold=0.6).sum() == 0
+    assert predict.postprocess(logits, threshold=-2.0).all()
+    # (N,H,W,1) and single (H,W) inputs
+    assert predict.postprocess(logits[..., None]).shape == (3, 101, 101)
+    assert predict.postprocess(logits[1]).shape == (1, 101, 101)
+    # the input is not modified
+    assert logits[0, 0, 0] == 0.5
+
+
+# --------------------------------------------------------------------------- bundles
+def test_bundle_round_trip_same_logits(models, bundle_dir):
+    from saltlib.train import predict_logits
+
+    paths, ms = models
+    spec = json.loads((bundle_dir / "bundle.json").read_text())
+    assert spec["models"] == ["model0.keras", "model1.keras"]
+    assert spec["threshold"] == 0.05 and spec["min_size"] == 3 and spec["tta"] is True
+    assert spec["input_shape"] == [101, 101, 1] and spec["meta"] == {"cv": 0.5}
+    assert not [p for p in bundle_dir.iterdir() if p.name.startswith(".")]  # no temp files left
+
+    b = predict.load_bundle(bundle_dir)
+    assert len(b.models) == 2 and b.tta and b.threshold == 0.05 and b.min_size == 3 and b.meta == {"cv": 0.5}
+    x = tiny_images(5)
+    # each loaded model gives the same logits as the model it was saved from
+    for loaded, orig in zip(b.models, ms):
+        np.testing.assert_allclose(predict_logits(loaded, x), predict_logits(orig, x), atol=1e-5)
+    # ensemble = mean of the models; TTA = average with the flipped prediction, flipped back
+    per_model = []
+    for orig in ms:
+        plain = np.asarray(orig.predict(x, verbose=0))[..., 0]
+        flipped = np.asarray(orig.predict(x[:, :, ::-1], verbose=0))[..., 0][:, :, ::-1]
+        per_model.append((plain, 0.5 * (plain + flipped)))
+    no_tta = b.predict_logits(x, tta=False)
+    with_tta = b.predict_logits(x)
+    assert no_tta.shape == (5, 101, 101) and no_tta.dtype == np.float32
+    np.testing.assert_allclose(no_tta, (per_model[0][0] + per_model[1][0]) / 2, atol=1e-5)
+    np.testing.assert_allclose(with_tta, (per_model[0][1] + per_model[1][1]) / 2, atol=1e-5)
+    assert not np.allclose(no_tta, with_tta)  # the flip really changes something
+    np.testing.assert_array_equal(b.predict_masks(x), predict.postprocess(with_tta, 0.05, 3))
+    # (N,101,101) images are accepted as well
+    np.testing.assert_allclose(b.predict_logits(x[..., 0]), with_tta, atol=1e-6)
+
+
+def test_write_bundle_rewrites_in_place_and_drops_stale_files(models, tmp_path):
+    paths, _ = models
+    d = predict.write_bundle(tmp_path / "b", paths, 0.0, 0, False)
+    # rewrite with the folder's own files, swapped and reduced to one model
+    predict.write_bundle(d, [d / "model1.keras"], 1.5, 10, True, meta={"x": 1})
+    spec = json.loads((d / "bundle.json").read_text())
+    assert spec["models"] == ["model0.keras"] and spec["threshold"] == 1.5
+    assert sorted(p.name for p in d.iterdir()) == ["bundle.json", "model0.keras"]
+    assert (d / "model0.keras").read_bytes() == paths[1].read_bytes()
+
+
+def test_write_bundle_rejects_bad_input(models, tmp_path):
+    paths, _ = models
+    with pytest.raises(BundleError, match="at least one model"):
+        predict.write_bundle(tmp_path / "b", [], 0.0, 0, False)
+    with pytest.raises(BundleError, match="nope.keras"):
+        predict.write_bundle(tmp_path / "b", [tmp_path / "nope.keras"], 0.0, 0, False)
+    (tmp_path / "junk.keras").write_text("not a zip")
+    with pytest.raises(BundleError, match="junk.keras"):
+        predict.write_bundle(tmp_path / "b", [tmp_path / "junk.keras"], 0.0, 0, False)
+    with pytest.raises(BundleError, match="min_size"):
+        predict.write_bundle(tmp_path / "b", paths, 0.0, -1, False)
+    with pytest.raises(BundleError, match="threshold"):
+        predict.write_bundle(tmp_path / "b", paths, float("nan"), 0, False)
+
+
+def _edit_spec(d: Path, fn):
+    spec = json.loads((d / "bundle.json").read_text())
+    fn(spec)
+    (d / "bundle.json").write_text(json.dumps(spec))
+
+
+@pytest.mark.parametrize(
+    "case, culprit, pattern",
+    [
+        ("no_folder", None, "not found"),
+        ("no_json", "bundle.json", "bundle.json is missing"),
+        ("bad_json", "bundle.json", "not valid JSON"),
+        ("not_object", "bundle.json", "JSON object"),
+        ("missing_key", "bundle.json", "lacks key"),
+        ("unknown_key", "bundle.json", "unknown key"),
+        ("bad_type", "bundle.json", "tta must be"),
+        ("path_escape", "bundle.json", "plain file name"),
+        ("missing_model", "model1.keras", "is missing"),
+        ("damaged_model", "model0.keras", "damaged"),
+        ("corrupt_model", "model0.keras", "cannot load model"),
+    ],
+)
+def test_incomplete_bundle_raises_naming_the_file(bundle_dir, tmp_path, case, culprit, pattern):
+    d = copy_dir(bundle_dir, tmp_path / "b")
+    if case == "no_folder":
+        d = tmp_path / "does-not-exist"
+    elif case == "no_json":
+        (d / "bundle.json").unlink()
+    elif case == "bad_json":
+        (d / "bundle.json").write_text('{"models": ["model0.keras"], ')
+    elif case == "not_object":
+        (d / "bundle.json").write_text("[1, 2]")
+    elif case == "missing_key":
+        _edit_spec(d, lambda s: s.pop("threshold"))
+    elif case == "unknown_key":
+        _edit_spec(d, lambda s: s.update(extra=1))
+    elif case == "bad_type":
+        _edit_spec(d, lambda s: s.update(tta="yes"))
+    elif case == "path_escape":
+        _edit_spec(d, lambda s: s.update(models=["../m0.keras"]))
+    elif case == "missing_model":
+        (d / "model1.keras").unlink()
+    elif case == "damaged_model":
+        with open(d / "model0.keras", "r+b") as f:
+            f.seek(100)
+            f.write(b"\x00garbage\x00")
+    elif case == "corrupt_model":  # no checksum recorded: Keras itself must fail, and we name the file
+        (d / "model0.keras").write_bytes(b"PK\x03\x04 truncated")
+        _edit_spec(d, lambda s: s.pop("sha256"))
+    with pytest.raises(BundleError, match=pattern) as e:
+        predict.load_bundle(d)
+    assert str(d / culprit if culprit else d) in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+# --------------------------------------------------------------------------- submissions
+def test_write_and_read_submission(tmp_path):
+    rng = np.random.default_rng(0)
+    masks = rng.random((4, 101, 101)) > 0.7
+    masks[1] = False
+    ids = ["a", "0001", "c", "d"]
+    out = predict.write_submission(ids, masks, tmp_path / "sub.csv")
+    df = predict.read_submission(out)
+    assert df["id"].tolist() == ids  # leading zeros kept
+    assert df["rle_mask"][1] == ""
+    for k in range(4):
+        np.testing.assert_array_equal(rle.decode(df["rle_mask"][k]), masks[k])
+    assert out.read_text().splitlines()[0] == "id,rle_mask"
+    with pytest.raises(ValueError, match="duplicate"):
+        predict.write_submission(["a", "a"], masks[:2], tmp_path / "dup.csv")
+    assert not (tmp_path / "dup.csv").exists()
+    (tmp_path / "bad.csv").write_text("id,rle_mask\nx,1 2 3\n")
+    with pytest.raises(DataError, match="'x'"):
+        predict.read_submission(tmp_path / "bad.csv")
+
+
+# --------------------------------------------------------------------------- predict_folder
+def test_predict_folder_writes_one_checked_row_per_image(bundle_dir, images_dir, tmp_path, capsys):
+    from saltlib.data import read_images
+
+    out = predict.predict_folder(bundle_dir, images_dir, tmp_path / "sub" / "submission.csv", batch_size=4,
+                                 chunk_size=3)
+    text = capsys.readouterr().out
+    assert "chunk 3/3" in text and "images/s" in text
+    df = predict.read_submission(out)
+    ids = sorted(p.stem for p in images_dir.glob("*.png"))
+    assert df["id"].tolist() == ids
+    b = predict.load_bundle(bundle_dir)
+    expected = predict.postprocess(
+        b.predict_logits(read_images([images_dir / f"{i}.png" for i in ids])), b.threshold, b.min_size
+    )
+    assert expected.any()  # the comparison below is not trivially about empty masks
+    for k, r in enumerate(df["rle_mask"]):
+        np.testing.assert_array_equal(rle.decode(r), expected[k])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["submission.csv"]
+
+
+@pytest.mark.parametrize("bad", ["truncated", "not_png", "wrong_size"])
+def test_predict_folder_bad_image_keeps_existing_output(bundle_dir, images_dir, tmp_path, bad):
+    d = copy_dir(images_dir, tmp_path / "imgs")
+    culprit = d / "img03.png"
+    if bad == "truncated":
+        culprit.write_bytes(culprit.read_bytes()[:60])
+    elif bad == "not_png":
+        culprit.write_text("hello, I am not an image")
+    else:
+        Image.fromarray(np.zeros((101, 100), np.uint8)).save(culprit)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "submission.csv"
+    out.write_bytes(b"id,rle_mask\nold,1 1\n")
+    before = out.read_bytes()
+    with pytest.raises(DataError) as e:
+        predict.predict_folder(bundle_dir, d, out, verbose=False)
+    assert str(culprit) in str(e.value)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in out_dir.iterdir()) == ["submission.csv"]  # no temp files behind
+
+
+def test_predict_folder_missing_or_empty_folder(bundle_dir, tmp_path):
+    with pytest.raises(DataError, match="missing folder"):
+        predict.predict_folder(bundle_dir, tmp_path / "nowhere", tmp_path / "s.csv", verbose=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no PNG files in .*empty"):
+        predict.predict_folder(bundle_dir, tmp_path / "empty", tmp_path / "s.csv", verbose=False)
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_predict_folder_failure_while_writing_leaves_old_output(bundle_dir, images_dir, tmp_path, monkeypatch):
+    out = tmp_path / "submission.csv"
+    out.write_text("id,rle_mask\nold,\n")
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full (simulated)")
+
+    monkeypatch.setattr(predict.pd.DataFrame, "to_csv", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        predict.predict_folder(bundle_dir, images_dir, out, verbose=False)
+    assert out.read_text() == "id,rle_mask\nold,\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]
+
+
+# --------------------------------------------------------------------------- CLI
+def _salt(*args, timeout=120):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(
+        [sys.executable, "-m", "saltlib.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+def test_cli_predict_missing_model_folder(tmp_path, images_dir):
+    r = _salt("predict", "--model", str(tmp_path / "nomodel"), "--images", str(images_dir),
+              "--out", str(tmp_path / "s.csv"))
+    assert r.returncode == 2
+    assert "salt predict: error:" in r.stderr and str(tmp_path / "nomodel") in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "s.csv").exists()
+
+
+@pytest.mark.slow
+def test_cli_predict_end_to_end(tmp_path, bundle_dir, images_dir):
+    out = tmp_path / "s.csv"
+    r = _salt("predict", "--model", str(bundle_dir), "--images", str(images_dir), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {out}" in r.stdout
+    assert len(predict.read_submission(out)) == 7
+
+
+# --------------------------------------------------------------------------- benchmark script
+@pytest.mark.slow
+def test_benchmark_quick(bundle_dir, tmp_path):
+    js = tmp_path / "bench.json"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--model", str(bundle_dir), "--quick",
+         "--ref-base-filters", "4", "--batch-size", "8", "--json", str(js)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=180,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    for needle in ("train img/s", "infer img/s", "TTA", "peak RSS", "18,000 images", "ratio"):
+        assert needle in out, out
+    res = json.loads(js.read_text())
+    names = [row["name"] for row in res["rows"]]
+    assert names[:2] == ["bundle", "reference"]
+    for row in res["rows"][:2]:
+        assert row["train_img_s"] > 0 and row["infer_img_s"] > 0 and row["infer_tta_img_s"] > 0
+        assert row["peak_rss_mb"] > 100
+    assert res["projection"]["images"] == 18000 and res["projection"]["seconds"] > 0
