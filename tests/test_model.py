@@ -1,0 +1,115 @@
+"""The ResNet-U-Net: shapes, dtypes, layer names, .keras round trip, argument checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from saltlib.model import build_resnet_unet  # noqa: E402
+
+
+def images(b=2, size=101, seed=0):
+    return np.random.default_rng(seed).random((b, size, size, 1)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "base_filters,depth,blocks",
+    [(4, 1, 0), (4, 2, 1), (2, 4, 2), (2, 5, 1)],
+)
+def test_output_shape_and_dtype(base_filters, depth, blocks):
+    model = build_resnet_unet(base_filters=base_filters, depth=depth, blocks_per_level=blocks)
+    assert model.input_shape == (None, 101, 101, 1)
+    assert model.output_shape == (None, 101, 101, 1)
+    out = model(images(3), training=False)
+    assert tuple(out.shape) == (3, 101, 101, 1)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_widths_double_per_level():
+    model = build_resnet_unet(base_filters=3, depth=3, blocks_per_level=1)
+    for i in range(3):
+        assert model.get_layer(f"enc{i + 1}_conv").filters == 3 * 2**i
+        assert model.get_layer(f"dec{i + 1}_conv").filters == 3 * 2**i
+    assert model.get_layer("middle_conv").filters == 3 * 2**3
+
+
+def test_other_input_sizes():
+    model = build_resnet_unet(input_shape=(128, 128, 1), base_filters=2, depth=3, blocks_per_level=1)
+    assert model.output_shape == (None, 128, 128, 1)
+    model = build_resnet_unet(input_shape=(99, 99, 2), base_filters=2, depth=2, blocks_per_level=0)
+    assert model.output_shape == (None, 99, 99, 1)
+
+
+def test_mixed_bfloat16_keeps_float32_logits():
+    model = build_resnet_unet(base_filters=4, depth=2, blocks_per_level=1, dtype_policy="mixed_bfloat16")
+    out = model(images(2), training=False)
+    assert tuple(out.shape) == (2, 101, 101, 1)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    assert model.get_layer("enc1_conv").compute_dtype == "bfloat16"
+    assert model.get_layer("enc1_conv").variable_dtype == "float32"  # weights stay float32
+    assert model.get_layer("logits").compute_dtype == "float32"
+    # bf16 compute gives close to, but not exactly, the float32 model's logits with the same weights
+    ref = build_resnet_unet(base_filters=4, depth=2, blocks_per_level=1)
+    ref.set_weights(model.get_weights())
+    x = images(2, seed=1)
+    a, b = np.asarray(model(x, training=False)), np.asarray(ref(x, training=False))
+    assert np.abs(a - b).max() < 0.1 * (np.abs(b).max() + 1)
+
+
+def test_named_layers():
+    model = build_resnet_unet(base_filters=4, depth=2, blocks_per_level=2)
+    names = [layer.name for layer in model.layers]
+    assert len(names) == len(set(names))
+    for name in [
+        "image", "enc1_conv", "enc1_res1_conv1", "enc1_res2_out_bn", "enc1_pool", "enc1_drop",
+        "enc2_conv", "middle_conv", "middle_res2_conv2", "dec2_up", "dec2_concat", "dec1_up",
+        "dec1_res1_add", "logits",
+    ]:
+        assert name in names, name
+    assert model.name == "resnet_unet"
+    assert model.get_layer("logits").filters == 1
+
+
+def test_dropout_zero_has_no_dropout_layers():
+    model = build_resnet_unet(base_filters=4, depth=2, dropout=0.0)
+    assert not [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    model = build_resnet_unet(base_filters=4, depth=2, dropout=0.4)
+    rates = {layer.name: layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)}
+    assert rates["enc1_drop"] == pytest.approx(0.2) and rates["enc2_drop"] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("policy", [None, "mixed_bfloat16"])
+def test_keras_save_load_round_trip(tmp_path, policy):
+    model = build_resnet_unet(base_filters=4, depth=2, blocks_per_level=1, dtype_policy=policy)
+    # move batch-norm statistics and weights away from their initial values first
+    model.compile(optimizer="adam", loss="mse")
+    x = images(4, seed=2)
+    model.fit(x, (x > 0.5).astype(np.float32), epochs=1, batch_size=2, verbose=0)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, compile=False, safe_mode=True)
+    assert [layer.name for layer in loaded.layers] == [layer.name for layer in model.layers]
+    np.testing.assert_array_equal(
+        np.asarray(loaded(x, training=False)), np.asarray(model(x, training=False))
+    )
+    if policy:
+        assert loaded.get_layer("enc1_conv").compute_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"depth": 0},
+        {"depth": -1},
+        {"base_filters": 0},
+        {"blocks_per_level": -1},
+        {"dropout": 1.0},
+        {"dropout": -0.1},
+    ],
+)
+def test_invalid_arguments_raise(kwargs):
+    with pytest.raises(ValueError, match="bad model shape"):
+        build_resnet_unet(**kwargs)
