@@ -32,7 +32,11 @@ def _cmd_train(args) -> int:
 def _cmd_run(args) -> int:
     from . import runner
 
-    run_dir = runner.run_pipeline(args.params, name=args.name, overrides=args.set, runs_dir=args.runs_dir)
+    try:
+        run_dir = runner.run_pipeline(args.params, name=args.name, overrides=args.set, runs_dir=args.runs_dir)
+    except runner.RunError as e:
+        print(f"salt run: error: {e}", file=sys.stderr)
+        return 1
     print(f"report: {run_dir / 'index.html'}")
     return 0
 
