@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +20,25 @@ import yaml
 
 class ParamError(ValueError):
     """A parameter file or value is wrong; the message names the key (and file)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe YAML loader that also reads ``1e-5`` (no dot) as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _finite(x) -> bool:
+    """``math.isfinite`` that says False (instead of raising) for ints too big for a float."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -79,7 +99,7 @@ def _stages(v):
         if not isinstance(st["epochs"], int) or isinstance(st["epochs"], bool) or st["epochs"] < 0:
             return f"{where}: epochs must be an integer >= 0, got {st['epochs']!r}"
         lr = st["lr"]
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not _finite(lr) or lr <= 0:
             return f"{where}: lr must be a number > 0, got {lr!r}"
     return None
 
@@ -127,7 +147,7 @@ def defaults() -> dict:
 
 def _type_ok(value, kind) -> bool:
     if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, kind)
@@ -178,19 +198,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ParamError(f"--set {text!r}: expected KEY=VALUE")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ParamError(f"--set {text!r}: value is not valid YAML ({e})") from None
     return key.strip(), value
 
 
 def read_yaml(path) -> dict:
-    """Read a parameter file with the safe YAML loader; it must hold a mapping."""
+    """Read a parameter file with the safe YAML loader (``1e-5`` is a float); it must hold a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"parameter file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
         raise ParamError(f"{path}: not valid YAML ({e})") from None
     if values is None:
