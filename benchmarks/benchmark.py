@@ -302,8 +302,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup-steps", type=int, help="untimed steps after the first (default 3, quick 1)")
     ap.add_argument("--infer-images", type=int, help="images per inference timing (default 512, quick 64)")
     ap.add_argument("--read-images", type=int, help="real PNGs read to time reading (default 500, quick 20)")
-    ap.add_argument("--ref-base-filters", type=int, default=REFERENCE["base_filters"],
-                    help="base filters of the reference (default 16; smaller only to test the script)")
+    ap.add_argument("--reference", default="w16",
+                    help="shape of the reference in --configs syntax (default w16 = the original repository's "
+                         "model; smaller ones such as w2-d1-b1 only to test this script)")
     ap.add_argument("--json", help="also write the results as JSON to this path")
     ap.add_argument("--verbose", action="store_true", help="show the workers' stderr (TensorFlow logs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -332,7 +333,7 @@ def main(argv=None) -> int:
                       "read_images": args.read_images or (20 if q else 500)})
     else:
         print("no model bundle found under models/ (or --no-bundle): measuring the reference only\n")
-    ref_spec = {**REFERENCE, **common, "name": "reference", "base_filters": args.ref_base_filters}
+    ref_spec = {**parse_variant(args.reference), **common, "name": "reference"}
     specs.append(ref_spec)
     for v in filter(None, args.configs.split(",")):
         specs.append({**parse_variant(v), **common})
@@ -343,8 +344,9 @@ def main(argv=None) -> int:
     print(f"training: batch {common['batch_size']}, {common['warmup_steps']} warm-up + {common['train_steps']} timed "
           f"steps, synthetic data, bce+lovasz; inference: {common['infer_images']} images, batch "
           f"{common['infer_batch_size']}{' (QUICK: figures are rough)' if q else ''}")
-    print(f"reference: {ref_spec['base_filters']} base filters, 101x101, depth 4, 2 residual blocks per level, "
-          f"float32, dropout 0.5\n")
+    print(f"reference: {ref_spec['base_filters']} base filters, 101x101, depth {ref_spec['depth']}, "
+          f"{ref_spec['blocks_per_level']} residual block(s) per level, {'bfloat16' if ref_spec['bf16'] else 'float32'}, "
+          f"dropout {ref_spec['dropout']:g}{'' if args.reference == 'w16' else ' (NOT the original shape)'}\n")
     rows = []
     for s in specs:
         print(f"measuring {s['name']} ...", file=sys.stderr, flush=True)

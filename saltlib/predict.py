@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -210,8 +211,8 @@ def write_bundle(dest, model_paths, threshold: float, min_size: int, tta: bool, 
     finally:
         for tmp in staged:
             tmp.unlink(missing_ok=True)
-    for old in dest.glob("model*.keras"):
-        if old.name not in names:
+    for old in dest.glob("model*.keras"):  # members of an earlier, larger bundle
+        if re.fullmatch(r"model\d+\.keras", old.name) and old.name not in names:
             old.unlink()
     spec = {
         "models": names,
@@ -413,10 +414,11 @@ def predict_folder(model_dir, images_dir, out_csv, batch_size: int = 64, chunk_s
                    verbose: bool = True) -> Path:
     """Predict every ``*.png`` in a folder with a bundle and write a Kaggle submission.
 
-    Order of work: load the bundle (fails fast on an incomplete one), list and read all images
-    (fails on a missing, corrupt or wrong-size image before anything is predicted or written),
-    predict in chunks of ``chunk_size`` images (ensemble, TTA and post-processing as the bundle
-    says), then write the CSV atomically and check it by reading it back and decoding every RLE.
+    Order of work: check the bundle's files (fails fast on an incomplete bundle), list the
+    images, load the models, read all images (fails on a corrupt or wrong-size image before
+    anything is predicted or written; 18,000 images take about 0.75 GB as float32), predict in
+    chunks of ``chunk_size`` images (ensemble, TTA and post-processing as the bundle says), then
+    write the CSV atomically and check it by reading it back and decoding every RLE.
 
     Args:
         model_dir: the bundle folder (see :func:`write_bundle`).
@@ -437,12 +439,13 @@ def predict_folder(model_dir, images_dir, out_csv, batch_size: int = 64, chunk_s
     if out_csv.is_dir():
         raise DataError(f"--out {out_csv} is a folder; give a CSV file path")
     t0 = time.time()
-    bundle = load_bundle(model_dir)
-    log(f"{bundle.describe()} (loaded in {time.time() - t0:.1f} s)")
+    read_bundle_spec(model_dir)  # cheap checks first: bundle.json and its files, then the image folder
     images_dir = Path(images_dir)
     ids = data.list_pngs(images_dir)
     if not ids:
         raise DataError(f"no PNG files in {images_dir}")
+    bundle = load_bundle(model_dir)
+    log(f"{bundle.describe()} (loaded in {time.time() - t0:.1f} s)")
     t1 = time.time()
     images = data.read_images([images_dir / f"{i}.png" for i in ids])
     log(f"read {len(ids)} images from {images_dir} in {time.time() - t1:.1f} s")
@@ -465,7 +468,7 @@ def predict_folder(model_dir, images_dir, out_csv, batch_size: int = 64, chunk_s
     del images
     _write_rle_csv(ids, rles, out_csv)
     log(
-        f"wrote {out_csv}: {len(ids)} rows ({n_empty} empty masks), checked by decoding every RLE; "
+        f"{out_csv}: {len(ids)} rows ({n_empty} empty masks), read back and every RLE decoded; "
         f"total {time.time() - t0:.1f} s"
     )
     return out_csv

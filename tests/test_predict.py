@@ -135,11 +135,12 @@ def test_bundle_round_trip_same_logits(models, bundle_dir):
 def test_write_bundle_rewrites_in_place_and_drops_stale_files(models, tmp_path):
     paths, _ = models
     d = predict.write_bundle(tmp_path / "b", paths, 0.0, 0, False)
+    (d / "README.md").write_text("model card")  # other files in the folder are kept
     # rewrite with the folder's own files, swapped and reduced to one model
     predict.write_bundle(d, [d / "model1.keras"], 1.5, 10, True, meta={"x": 1})
     spec = json.loads((d / "bundle.json").read_text())
     assert spec["models"] == ["model0.keras"] and spec["threshold"] == 1.5
-    assert sorted(p.name for p in d.iterdir()) == ["bundle.json", "model0.keras"]
+    assert sorted(p.name for p in d.iterdir()) == ["README.md", "bundle.json", "model0.keras"]
     assert (d / "model0.keras").read_bytes() == paths[1].read_bytes()
 
 
@@ -334,7 +335,7 @@ def test_benchmark_quick(bundle_dir, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     r = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--model", str(bundle_dir), "--quick",
-         "--ref-base-filters", "4", "--batch-size", "8", "--json", str(js)],
+         "--reference", "w2-d1-b1", "--batch-size", "8", "--json", str(js)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=180,
     )
     assert r.returncode == 0, r.stdout + r.stderr
