@@ -103,7 +103,11 @@ def read_png(path, kind: str = "image") -> np.ndarray:
         raise DataError(f"missing {kind} file: {path}")
     try:
         with Image.open(path) as im:
+            if im.format != "PNG":
+                raise DataError(f"{kind} {path} is a {im.format} file, not a PNG")
             im.load()
+            if im.mode == "P":  # palette indices are not gray levels: map them through the palette
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             if im.size != (IMAGE_SIZE, IMAGE_SIZE):
                 raise DataError(
                     f"{kind} {path} is {im.size[0]}x{im.size[1]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}"
@@ -266,13 +270,13 @@ def load_train(path=None, check_rle: bool = True, limit: int | None = None) -> S
         raise DataError(f"{root / 'train.csv'} has no row for image id {missing[0]!r} ({len(missing)} such)")
     ids = np.array(img_ids[:limit] if limit else img_ids)
     depths = read_depths(root)
-    no_z = [i for i in ids if i not in depths.index]
+    no_z = [i for i in ids.tolist() if i not in depths.index]
     if no_z:
         raise DataError(f"{root / 'depths.csv'} has no z for id {no_z[0]!r}")
     images = read_images([img_dir / f"{i}.png" for i in ids], "image")
     masks = read_images([mask_dir / f"{i}.png" for i in ids], "mask")
     if check_rle:
-        for k, i in enumerate(ids):
+        for k, i in enumerate(ids.tolist()):
             try:
                 decoded = rle.decode(table[i])
             except ValueError as e:
@@ -328,7 +332,7 @@ def kfold(dataset_or_classes, n_folds: int = 5, seed: int = 42) -> np.ndarray:
         classes[classes == c] = c - 1 if c > 0 else c + 1
     folds = np.empty(len(classes), np.int64)
     skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    if np.bincount(classes).max() < n_folds or len(classes) < n_folds:
+    if len(classes) < n_folds:
         raise DataError(f"cannot split {len(classes)} images into {n_folds} folds")
     try:
         splits = list(skf.split(np.zeros(len(classes)), classes))
