@@ -410,6 +410,18 @@ def read_submission(path, decode: bool = True) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- folders
+def _check_writable(out_csv: Path) -> None:
+    """Fail before any work if ``out_csv`` cannot be written (a folder, or no write permission)."""
+    if out_csv.is_dir():
+        raise DataError(f"output {out_csv} is a folder; give a CSV file path")
+    try:
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=f".{out_csv.name}.", suffix=".check", dir=out_csv.parent):
+            pass
+    except OSError as e:
+        raise DataError(f"cannot write the output {out_csv}: {e}") from None
+
+
 def predict_folder(model_dir, images_dir, out_csv, batch_size: int = 64, chunk_size: int = CHUNK_SIZE,
                    verbose: bool = True) -> Path:
     """Predict every ``*.png`` in a folder with a bundle and write a Kaggle submission.
@@ -436,8 +448,9 @@ def predict_folder(model_dir, images_dir, out_csv, batch_size: int = 64, chunk_s
     """
     log = (lambda *a: print(*a, flush=True)) if verbose else (lambda *a: None)
     out_csv = Path(out_csv)
-    if out_csv.is_dir():
-        raise DataError(f"--out {out_csv} is a folder; give a CSV file path")
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
+    _check_writable(out_csv)
     t0 = time.time()
     read_bundle_spec(model_dir)  # cheap checks first: bundle.json and its files, then the image folder
     images_dir = Path(images_dir)

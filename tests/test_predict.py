@@ -287,6 +287,18 @@ def test_predict_folder_missing_or_empty_folder(bundle_dir, tmp_path):
     assert not (tmp_path / "s.csv").exists()
 
 
+def test_predict_folder_refuses_unwritable_output_before_work(bundle_dir, images_dir, tmp_path):
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(DataError, match="is a folder"):
+        predict.predict_folder(bundle_dir, images_dir, tmp_path / "adir", verbose=False)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match="cannot write the output"):
+        predict.predict_folder(bundle_dir, images_dir, tmp_path / "afile" / "s.csv", verbose=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        predict.predict_folder(bundle_dir, images_dir, tmp_path / "s.csv", batch_size=0, verbose=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]
+
+
 def test_predict_folder_failure_while_writing_leaves_old_output(bundle_dir, images_dir, tmp_path, monkeypatch):
     out = tmp_path / "submission.csv"
     out.write_text("id,rle_mask\nold,\n")
