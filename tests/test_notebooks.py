@@ -1,0 +1,194 @@
+"""The committed notebooks and the smoke run of the whole pipeline.
+
+Static checks (fast): the notebooks carry no outputs and each has exactly one ``parameters`` cell
+whose names, types and defaults, over all four notebooks, are exactly ``saltlib.params.SPEC``.
+
+The smoke run (``salt run params/smoke.yaml``, shared with the other test modules, a few minutes):
+four executed notebooks and HTML reports, ``metrics.json`` with a CV score, a decodable
+``submission.csv`` with one row per test image, ``run.json`` finished with its provenance, and
+progress (notebook names, Keras' per-epoch lines) on the terminal.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+import nbformat
+import numpy as np
+import papermill
+import pytest
+
+import _smoke
+from saltlib import params, rle, runner
+
+NOTEBOOK_PATHS = [runner.NOTEBOOKS_DIR / f"{nb}.ipynb" for nb in runner.NOTEBOOKS]
+
+
+# --------------------------------------------------------------------------- committed notebooks
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=lambda p: p.stem)
+def test_committed_notebook_has_no_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for k, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name} cell {k} has outputs: clear them before committing"
+            assert cell.execution_count is None, f"{path.name} cell {k} has an execution count"
+    assert nb.metadata.get("kernelspec", {}).get("name") == runner.KERNEL_NAME
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=lambda p: p.stem)
+def test_exactly_one_parameters_cell_typed_and_commented(path):
+    nb = nbformat.read(path, as_version=4)
+    tagged = [k for k, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: {len(tagged)} cells tagged 'parameters'"
+    cell = nb.cells[tagged[0]]
+    assert cell.cell_type == "code"
+    for line in cell.source.splitlines():
+        if line.strip():
+            assert re.match(r"^\w+: (int|float|bool|str|list) = .+  # \S", line), (
+                f"{path.name}: parameter line should read 'name: type = value  # comment': {line!r}")
+    # derived values come right after the parameters, in their own cell
+    assert nb.cells[tagged[0] + 1].cell_type == "code"
+
+
+def test_parameters_cells_equal_spec():
+    seen = {}
+    for path in NOTEBOOK_PATHS:
+        for name, p in papermill.inspect_notebook(str(path)).items():
+            assert name in params.SPEC, f"{path.name} declares {name!r}, which saltlib.params.SPEC lacks"
+            spec = params.SPEC[name]
+            default = ast.literal_eval(p["default"])
+            assert default == spec.default and type(default) is type(spec.default), (
+                f"{path.name}: default of {name!r} is {default!r}, SPEC says {spec.default!r}")
+            assert p["inferred_type_name"] == spec.type.__name__, (
+                f"{path.name}: {name!r} is annotated {p['inferred_type_name']}, SPEC says {spec.type.__name__}")
+            seen.setdefault(name, []).append(path.stem)
+    missing = sorted(set(params.SPEC) - set(seen))
+    assert not missing, f"SPEC parameters used by no notebook: {missing}"
+    assert all("run_dir" in [k for k in papermill.inspect_notebook(str(p))] for p in NOTEBOOK_PATHS)
+
+
+@pytest.mark.parametrize("name", ["smoke", "default", "full"])
+def test_parameter_files_are_valid(name):
+    path = runner.PROJECT_ROOT / "params" / f"{name}.yaml"
+    values = params.load(path)
+    raw = params.read_yaml(path)
+    assert "run_dir" not in raw
+    assert set(raw) <= set(params.SPEC)
+    if name == "default":
+        assert values["limit"] == 0 and values["test_limit"] == 0 and values["mixed_precision"]
+    if name == "full":
+        assert values["folds"] == list(range(values["n_folds"]))
+
+
+# --------------------------------------------------------------------------- the smoke run
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory, real_data):
+    return _smoke.get(tmp_path_factory, real_data)
+
+
+@pytest.fixture(scope="session")
+def smoke_ok(smoke):
+    if smoke.returncode != 0:
+        pytest.fail(smoke.describe())
+    return smoke
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_smoke_run_finishes_with_progress(smoke_ok):
+    out = smoke_ok.stdout
+    for i, nb in enumerate(runner.NOTEBOOKS, start=1):
+        assert f"[{i}/4] {nb}" in out
+        assert f"{nb} finished" in out
+    assert re.search(r"^\d+/\d+ - \d+s - .*loss: [0-9.]+", out, re.M), "Keras' per-epoch lines not shown"
+    assert f"report: {smoke_ok.run_dir / 'index.html'}" in out
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_smoke_run_folder(smoke_ok):
+    run = smoke_ok.run_dir
+    for nb in runner.NOTEBOOKS:
+        executed = nbformat.read(run / f"{nb}.ipynb", as_version=4)
+        errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs
+                  if o.output_type == "error"]
+        assert not errors, f"{nb}: {errors[0]}"
+        injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert len(injected) == 1 and f"run_dir = \"{run}\"" in injected[0].source
+        report = (run / f"{nb}.html").read_text()
+        assert "data:image/png;base64," in report, f"{nb}.html has no embedded figure"
+        assert not re.search(r"<script[^>]+src=[\"']https?://", report), f"{nb}.html loads scripts from the web"
+    assert not list(run.glob("*.running.ipynb"))
+    assert not list(run.rglob(".*.tmp*")), "temporary files left behind"
+    for f in ("params.yaml", "run.json", "index.html", "metrics.json", "postprocess.json", "eda.json",
+              "train.json", "predict.json", "bundle/bundle.json", "models/fold0/model.keras",
+              "models/fold0/oof.npz"):
+        assert (run / f).is_file(), f"missing {f}"
+    assert (smoke_ok.runs_dir / "index.html").is_file()
+    assert "smoke/index.html" in (smoke_ok.runs_dir / "index.html").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_smoke_metrics_and_run_json(smoke_ok):
+    run = smoke_ok.run_dir
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["cv_score"] <= 1.0
+    assert metrics["n_images"] == 16  # 48 images, 3 folds, fold 0 held out
+    assert set(metrics["per_fold"]) == {"0"}
+    assert sum(v["n"] for v in metrics["per_coverage_class"].values()) == 16
+    for key in ("threshold", "min_size", "tta", "empty_accuracy", "cv_score_untuned"):
+        assert key in metrics
+    post = json.loads((run / "postprocess.json").read_text())
+    assert post["threshold"] == metrics["threshold"] and post["min_size"] in (0, 10, 50)
+    bundle = json.loads((run / "bundle" / "bundle.json").read_text())
+    assert bundle["threshold"] == metrics["threshold"] and bundle["tta"] == metrics["tta"]
+
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["error"] is None
+    assert [n["name"] for n in info["notebooks"]] == list(runner.NOTEBOOKS)
+    assert all(n["status"] == "finished" and n["seconds"] > 0 for n in info["notebooks"])
+    assert info["metrics"] == metrics
+    assert re.fullmatch(r"[0-9a-f]{40}", info["git"]["commit"] or "") and isinstance(info["git"]["dirty"], bool)
+    for pkg in ("tensorflow", "keras", "numpy", "pandas", "papermill"):
+        assert info["versions"][pkg], pkg
+    assert re.fullmatch(r"[0-9a-f]{64}", info["data"]["sha256"])
+    assert info["data"]["files"]["train/images"] >= 48
+    assert info["started"] and info["ended"] and info["seconds"] > 0
+    assert "smoke.yaml" in info["command"] and "--name smoke" in info["command"]
+    # the resolved parameters can be run again as they are
+    again = params.load(run / "params.yaml")
+    assert again == {**info["params"], "run_dir": ""}
+    assert again["limit"] == 48 and again["data_dir"] == str(smoke_ok.data_dir.resolve())
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_smoke_submission_decodes(smoke_ok):
+    from saltlib import data, predict
+
+    sub = predict.read_submission(smoke_ok.run_dir / "submission.csv")
+    expected = data.list_pngs(smoke_ok.data_dir / "test" / "images")[:16]
+    assert list(sub.columns) == ["id", "rle_mask"]
+    assert sorted(sub["id"]) == expected, "one row per test image"
+    masks = np.stack([rle.decode(r) for r in sub["rle_mask"]])
+    assert masks.shape == (16, 101, 101) and masks.dtype == bool
+    lines = (smoke_ok.run_dir / "submission.csv").read_text().splitlines()
+    assert lines[0] == "id,rle_mask" and len(lines) == 17
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_salt_runs_lists_the_smoke_run(smoke_ok, capsys):
+    runs = runner.list_runs(smoke_ok.runs_dir)
+    out = capsys.readouterr().out
+    assert [r["name"] for r in runs] == ["smoke"]
+    row = next(line for line in out.splitlines() if line.startswith("smoke"))
+    score = json.loads((smoke_ok.run_dir / "metrics.json").read_text())["cv_score"]
+    assert "finished" in row and f"{score:.4f}" in row
+    page = (smoke_ok.runs_dir / "index.html").read_text()
+    for nb in runner.NOTEBOOKS:
+        assert f"smoke/{nb}.html" in page

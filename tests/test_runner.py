@@ -1,0 +1,243 @@
+"""``saltlib.runner``: checks before a run, run folders that are never reused, failed runs, the kernel
+spec, provenance and the run listing.
+
+Bad parameters (unknown key, wrong type, out of range, not a mapping, a bad ``--set``) must stop
+``salt run`` before any folder exists. A failing notebook (a copy of 02 with a cell that raises)
+must stop the run, keep the partial notebook and its HTML, and mark ``run.json`` failed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import _smoke
+from conftest import tree_hashes
+from saltlib import cli, params, runner
+
+SMOKE = runner.PROJECT_ROOT / "params" / "smoke.yaml"
+
+
+def _yaml(tmp_path, text, name="p.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------- checks before anything runs
+BAD_FILES = [
+    ("n_fold: 3\n", r"unknown parameter 'n_fold'; did you mean 'n_folds'\?"),
+    ("limit: ten\n", r"parameter 'limit' must be int, got str"),
+    ("dropout: 1.5\n", r"parameter 'dropout' must be < 1.0"),
+    ("base_filters: 0\n", r"parameter 'base_filters' must be >= 1"),
+    ("- limit\n- 3\n", r"must be a mapping"),
+    ("stages: [{loss: bce, epochs: 2}]\n", r"stage 1 needs exactly the keys"),
+    ("folds: [4]\nn_folds: 3\n", r"fold 4 but n_folds is 3"),
+    ("run_dir: /tmp/elsewhere\n", r"run_dir is chosen by `salt run`"),
+    ("limit: [1\n", r"not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_FILES, ids=[m.split()[0] for _, m in BAD_FILES])
+def test_bad_parameter_file_stops_before_any_folder(tmp_path, text, message):
+    runs = tmp_path / "runs"
+    with pytest.raises(params.ParamError, match=message):
+        runner.run_pipeline(_yaml(tmp_path, text), name="x", runs_dir=runs)
+    assert not runs.exists()
+
+
+BAD_SETS = [
+    ("limit", r"expected KEY=VALUE"),
+    ("=3", r"expected KEY=VALUE"),
+    ("limitt=3", r"unknown parameter 'limitt'; did you mean 'limit'\?"),
+    ("limit=abc", r"'limit' must be int"),
+    ("seed=-1", r"'seed' must be >= 0"),
+    ("mixed_precision=maybe", r"'mixed_precision' must be bool"),
+    ("stages=[{loss: nope, epochs: 1, lr: 0.1}]", r"stage 1"),
+    ("folds=[0", r"not valid YAML"),
+    ("run_dir=/tmp/x", r"run_dir is chosen by `salt run`"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_SETS, ids=[o for o, _ in BAD_SETS])
+def test_bad_set_stops_before_any_folder(tmp_path, override, message):
+    runs = tmp_path / "runs"
+    with pytest.raises(params.ParamError, match=message):
+        runner.run_pipeline(SMOKE, name="x", overrides=[override], runs_dir=runs)
+    assert not runs.exists()
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "", " spaced", "x" * 200])
+def test_bad_run_name(tmp_path, name):
+    with pytest.raises(ValueError, match="run name"):
+        runner.run_pipeline(SMOKE, name=name, runs_dir=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_parameter_file_and_missing_data(tmp_path):
+    with pytest.raises(params.ParamError, match="parameter file not found"):
+        runner.run_pipeline(tmp_path / "nope.yaml", runs_dir=tmp_path / "runs")
+    from saltlib.data import DataError
+
+    with pytest.raises(DataError, match="no TGS data found"):
+        runner.run_pipeline(SMOKE, overrides=[f"data_dir={tmp_path / 'empty'}"], runs_dir=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_reports_bad_parameters(tmp_path, capsys):
+    code = cli.main(["run", str(_yaml(tmp_path, "n_fold: 3\n")), "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "salt run: error:" in err and "did you mean 'n_folds'" in err
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- run folders
+def test_generated_names_never_collide(tmp_path):
+    a = runner._create_run_dir(tmp_path, None, "smoke")
+    b = runner._create_run_dir(tmp_path, None, "smoke")
+    assert a != b and a.is_dir() and b.is_dir() and a.name.startswith("smoke-")
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        runner._create_run_dir(tmp_path, a.name, "smoke")
+
+
+def test_notebook_run_dir_defaults_to_interactive(tmp_path, monkeypatch):
+    monkeypatch.setenv("SALT_RUNS_DIR", str(tmp_path / "runs"))
+    assert runner.notebook_run_dir("") == (tmp_path / "runs" / "interactive").resolve()
+    assert runner.notebook_run_dir(str(tmp_path / "mine")) == (tmp_path / "mine").resolve()
+    assert (tmp_path / "mine").is_dir()
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory, real_data):
+    return _smoke.get(tmp_path_factory, real_data)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_existing_run_is_never_overwritten(smoke, capsys):
+    if smoke.returncode != 0:
+        pytest.fail(smoke.describe())
+    before = tree_hashes(smoke.run_dir)
+    with pytest.raises(FileExistsError, match=f"{smoke.run_dir}.*already exists"):
+        runner.run_pipeline(SMOKE, name=_smoke.RUN_NAME, runs_dir=smoke.runs_dir,
+                            overrides=[f"data_dir={smoke.data_dir}"])
+    code = cli.main(["run", str(SMOKE), "--name", _smoke.RUN_NAME, "--runs-dir", str(smoke.runs_dir),
+                     "--set", f"data_dir={smoke.data_dir}"])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert tree_hashes(smoke.run_dir) == before
+
+
+# --------------------------------------------------------------------------- a failing notebook
+@pytest.fixture
+def failing_notebooks(tmp_path):
+    """The four notebooks, with a cell that raises inserted into 02 after its derived-values cell."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for nb in runner.NOTEBOOKS:
+        shutil.copy(runner.NOTEBOOKS_DIR / f"{nb}.ipynb", folder)
+    path = folder / "02-train.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    k = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    bad = nbformat.v4.new_code_cell('print("about to fail")\nraise RuntimeError("deliberate failure for the test")')
+    bad["id"] = "deliberate-failure"
+    nb.cells.insert(k + 2, bad)
+    nbformat.write(nb, path)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_failing_notebook_marks_run_failed(tmp_path, failing_notebooks, real_data, capsys):
+    runs = tmp_path / "runs"
+    with pytest.raises(runner.RunError, match=r"run broken failed in 02-train .*deliberate failure for the test"):
+        runner.run_pipeline(SMOKE, name="broken", runs_dir=runs, notebooks_dir=failing_notebooks,
+                            overrides=[f"data_dir={real_data}"])
+    run = runs / "broken"
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "failed" and info["failed_notebook"] == "02-train"
+    assert "RuntimeError: deliberate failure for the test" in info["error"]
+    assert "deliberate failure" in info["traceback"]
+    assert [(n["name"], n["status"]) for n in info["notebooks"]] == [("01-eda", "finished"), ("02-train", "failed")]
+    assert info["ended"] and info["seconds"] > 0
+    # the partial notebook and its report are kept; later notebooks never ran
+    partial = nbformat.read(run / "02-train.ipynb", as_version=4)
+    outputs = [o for c in partial.cells if c.cell_type == "code" for o in c.outputs]
+    assert any(o.output_type == "error" and o.ename == "RuntimeError" for o in outputs)
+    assert "deliberate failure for the test" in (run / "02-train.html").read_text()
+    assert (run / "01-eda.html").is_file()
+    assert not list(run.glob("03-*")) and not list(run.glob("04-*")) and not list(run.glob("*.running.ipynb"))
+    assert "failed" in (run / "index.html").read_text()
+    capsys.readouterr()
+    runner.list_runs(runs)
+    assert "broken  failed" in capsys.readouterr().out
+    assert "broken/02-train.html" in (runs / "index.html").read_text()
+
+
+# --------------------------------------------------------------------------- kernel, provenance, listing
+def test_ensure_kernel_is_idempotent(tmp_path):
+    path = Path(runner.ensure_kernel(prefix=tmp_path))
+    assert path == tmp_path / "share" / "jupyter" / "kernels" / "salt"
+    spec = json.loads((path / "kernel.json").read_text())
+    assert spec["argv"][-1] == runner.KERNEL_FLAG and spec["display_name"] == "Python (salt)"
+    assert spec["argv"][:3] == [sys.executable, "-m", "ipykernel_launcher"]
+    mtime = (path / "kernel.json").stat().st_mtime_ns
+    assert Path(runner.ensure_kernel(prefix=tmp_path)) == path
+    assert (path / "kernel.json").stat().st_mtime_ns == mtime
+
+
+def test_data_fingerprint_tracks_changes(synthetic):
+    a = runner.data_fingerprint(synthetic.root)
+    assert a == runner.data_fingerprint(synthetic.root)
+    assert a["files"] == {"train/images": 12, "train/masks": 12, "test/images": 4}
+    with open(synthetic.image_path(3), "ab") as f:
+        f.write(b"\0")
+    b = runner.data_fingerprint(synthetic.root)
+    assert b["sha256"] != a["sha256"]
+    (synthetic.root / "depths.csv").write_text("id,z\n")
+    assert runner.data_fingerprint(synthetic.root)["sha256"] != b["sha256"]
+
+
+def test_package_versions_and_git():
+    v = runner.package_versions()
+    assert v["numpy"] and v["papermill"] and v["python"]
+    g = runner.git_info()
+    assert set(g) == {"commit", "dirty", "branch"}
+
+
+def _fake_run(runs, name, **info):
+    (runs / name).mkdir(parents=True)
+    base = {"name": name, "status": "finished", "started": f"2026-01-01T00:00:0{len(list(runs.iterdir()))}",
+            "seconds": 75.0, "notebooks": [{"name": "01-eda", "status": "finished", "html": "01-eda.html"}],
+            "metrics": None, "params": {"base_filters": 4, "stages": [{"loss": "bce", "epochs": 1, "lr": 0.1}]}}
+    base.update(info)
+    (runs / name / "run.json").write_text(json.dumps(base))
+
+
+def test_list_runs_table_and_index(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _fake_run(runs, "good", metrics={"cv_score": 0.81234, "threshold": 0.2})
+    _fake_run(runs, "bad", status="failed", error="02-train: boom")
+    _fake_run(runs, "killed", status="running", host={"hostname": socket.gethostname(), "pid": 2 ** 22 + 12345})
+    (runs / "junk").mkdir()
+    (runs / "junk" / "run.json").write_text("{not json")
+    result = runner.list_runs(runs)
+    out = capsys.readouterr().out
+    assert {r["name"]: r["_status"] for r in result} == {"good": "finished", "bad": "failed", "killed": "died",
+                                                        "junk": "broken"}
+    assert out.splitlines()[0].split() == ["name", "status", "CV", "score", "duration", "started"]
+    good = next(line for line in out.splitlines() if line.startswith("good"))
+    assert "0.8123" in good and "1:15" in good
+    page = (runs / "index.html").read_text()
+    assert "good/index.html" in page and "good/01-eda.html" in page and "0.8123" in page and "died" in page
+
+
+def test_list_runs_without_runs(tmp_path, capsys):
+    assert runner.list_runs(tmp_path / "none") == []
+    assert "no runs" in capsys.readouterr().out
