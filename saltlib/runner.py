@@ -277,6 +277,13 @@ def write_run_index(run_dir) -> Path:
         rows.append((link, f"<span class='{_esc(nb['status'])}'>{_esc(nb['status'])}</span>",
                      _fmt_seconds(nb.get("seconds")), ipynb))
     parts.append("<h2>Reports</h2>" + _table(rows, ["notebook", "status", "time", "executed notebook"]))
+    attempts = info.get("attempts") or []
+    if attempts:
+        rows = [(_esc(a.get("attempt")), f"<span class='{_esc(a.get('status'))}'>{_esc(a.get('status'))}</span>",
+                 _esc(a.get("started")), _esc(a.get("error") or ""),
+                 f"<a href='{_esc(a.get('archived'))}/run.json'>{_esc(a.get('archived'))}</a>") for a in attempts]
+        parts.append("<h3>Earlier attempts (resumed)</h3>" + _table(rows, ["attempt", "status", "started", "error",
+                                                                          "files"]))
     extra = [f"<a href='{f}'>{f}</a>" for f in ("submission.csv", "metrics.json", "postprocess.json", "run.json")
              if (run_dir / f).exists()]
     if extra:
@@ -361,26 +368,35 @@ def _params_yaml(cfg: dict, source, overrides) -> str:
 
 
 def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=None, notebooks_dir=None,
-                 kernel_name: str = KERNEL_NAME) -> Path:
+                 kernel_name: str = KERNEL_NAME, resume: bool = False) -> Path:
     """Execute notebooks 01-04 with a parameter file into a new run folder.
 
     Everything that can be checked is checked before the folder is created: the parameters
     (unknown keys, types, ranges, ``--set`` syntax), the run name, the notebooks and their
     ``parameters`` cells, and the data folder.
 
+    With ``resume`` the named run, which must have failed or died (killed), is run again in its own
+    folder with the same parameters: the earlier attempt's notebooks, reports and results move to
+    ``attempts/<k>/`` (listed in ``run.json``), and 02 resumes training from the fold checkpoints in
+    ``models/`` (finished folds are not retrained).
+
     Args:
         params_path: parameter YAML (keys are notebook parameters, see :data:`saltlib.params.SPEC`).
-        name: run folder name; default ``<yaml stem>-YYYYmmdd-HHMMSS``. An existing folder is an error.
+        name: run folder name; default ``<yaml stem>-YYYYmmdd-HHMMSS``. An existing folder is an error
+            (unless ``resume``).
         overrides: ``"key=value"`` strings applied after the file (values read as YAML).
         runs_dir: where run folders go; default :func:`default_runs_dir`.
         notebooks_dir: folder with the four notebooks; default ``notebooks/``.
         kernel_name: Jupyter kernel to execute with (installed by :func:`ensure_kernel` if ``salt``).
+        resume: continue the failed or killed run ``name`` (see above).
     Returns:
         the finished run folder.
     Raises:
         saltlib.params.ParamError: bad parameters (nothing created).
         saltlib.data.DataError: no data folder or a missing test folder (nothing created).
-        FileExistsError: the named run folder exists (it is left untouched).
+        FileExistsError: the named run folder exists (it is left untouched); with ``resume``, the run
+            finished or is still running.
+        FileNotFoundError: with ``resume``, there is no such run.
         RunError: a notebook failed; ``run.json`` says ``failed`` and the partial notebook and its
             HTML report are kept.
     """
@@ -413,9 +429,17 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
         ensure_kernel()
 
     runs_dir = Path(runs_dir) if runs_dir else default_runs_dir()
-    run_dir = _create_run_dir(runs_dir, name, Path(params_path).stem).resolve()
+    attempts = []
+    if resume:
+        if name is None:
+            raise ValueError("resuming needs the --name of the run to resume")
+        run_dir = (runs_dir / name).resolve()
+        attempts = _prepare_resume(run_dir, {k: v for k, v in cfg.items() if k != "run_dir"})
+    else:
+        run_dir = _create_run_dir(runs_dir, name, Path(params_path).stem).resolve()
     cfg["run_dir"] = str(run_dir)
-    io.write_text(run_dir / "params.yaml", _params_yaml(cfg, params_path, overrides))
+    if not resume:
+        io.write_text(run_dir / "params.yaml", _params_yaml(cfg, params_path, overrides))
     info = {
         "name": run_dir.name,
         "status": "running",
@@ -436,6 +460,7 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
         "notebooks": [],
         "metrics": None,
         "params": {k: v for k, v in cfg.items() if k != "run_dir"},
+        "attempts": attempts,
     }
 
     def save():
@@ -496,6 +521,46 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
     print(f"run {run_dir.name} finished in {_fmt_seconds(info['seconds'])}"
           + (f"; CV score {score:.4f}" if isinstance(score, (int, float)) else ""), flush=True)
     return run_dir
+
+
+def _prepare_resume(run_dir: Path, cfg: dict) -> list:
+    """Check that ``run_dir`` holds a failed or killed run with parameters ``cfg`` and move its
+    notebooks, reports and results to ``attempts/<k>/``. Returns the updated list of attempts."""
+    info_path = run_dir / "run.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"no run to resume: {info_path} does not exist")
+    old = json.loads(info_path.read_text())
+    status = _status(old)
+    if status == "finished":
+        raise FileExistsError(f"run {run_dir.name} finished; there is nothing to resume (pick a new --name)")
+    if status == "running":
+        raise FileExistsError(f"run {run_dir.name} is still running (pid {old.get('host', {}).get('pid')})")
+    before = old.get("params") or {}
+    differ = sorted(k for k in set(before) | set(cfg) if before.get(k) != cfg.get(k))
+    if differ:
+        raise params.ParamError(
+            f"cannot resume run {run_dir.name} with different parameters ({', '.join(differ)}); resume it with "
+            f"its own: salt run {run_dir / 'params.yaml'} --name {run_dir.name} --resume"
+        )
+    attempts = list(old.get("attempts") or [])
+    k = len(attempts) + 1
+    archive = run_dir / "attempts" / str(k)
+    archive.mkdir(parents=True, exist_ok=False)
+    moved = []
+    for f in sorted(run_dir.iterdir()):
+        if f.is_file() and (re.match(r"^\d\d-.*\.(ipynb|html)$", f.name) or f.name in (
+                "metrics.json", "postprocess.json", "predict.json", "submission.csv")):
+            os.replace(f, archive / f.name)
+            moved.append(f.name)
+    io.write_text(archive / "run.json", info_path.read_text())  # copied: the folder always keeps a run.json
+    attempts.append({
+        "attempt": k, "status": status, "error": old.get("error"), "failed_notebook": old.get("failed_notebook"),
+        "started": old.get("started"), "ended": old.get("ended"), "seconds": old.get("seconds"),
+        "notebooks": old.get("notebooks"), "command": old.get("command"), "git": old.get("git"),
+        "archived": f"attempts/{k}", "files": moved,
+    })
+    print(f"resuming run {run_dir.name}: attempt {k} ({status}) moved to {archive}", flush=True)
+    return attempts
 
 
 def _execute(src, run_dir: Path, nb: str, values: dict, extra: dict, kernel_name: str, record: dict) -> None:

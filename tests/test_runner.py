@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import os
 import socket
 import sys
 from pathlib import Path
@@ -241,3 +242,78 @@ def test_list_runs_table_and_index(tmp_path, capsys):
 def test_list_runs_without_runs(tmp_path, capsys):
     assert runner.list_runs(tmp_path / "none") == []
     assert "no runs" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- resuming, with stub notebooks
+STUB_CODE = {
+    "01-eda": 'io.write_json(RUN / "eda.json", {"ok": True})',
+    "02-train": ('import os\nif os.environ.get("SALT_TEST_FAIL_02"):\n    raise RuntimeError("stub training failed")\n'
+                 'io.write_json(RUN / "models" / "fold0" / "done.json", {"val_score": 0.5})'),
+    "03-postprocess": 'io.write_json(RUN / "metrics.json", {"cv_score": 0.625, "n_images": limit})',
+    "04-predict": 'io.write_text(RUN / "submission.csv", "id,rle_mask\\n")',
+}
+
+
+@pytest.fixture
+def stub_notebooks(tmp_path):
+    """Four tiny notebooks (no TensorFlow) that write the files the real ones would."""
+    folder = tmp_path / "stubs"
+    folder.mkdir()
+    for nb, body in STUB_CODE.items():
+        cells = [nbformat.v4.new_code_cell("from saltlib import io, runner"),
+                 nbformat.v4.new_code_cell("run_dir: str = ''  # output folder\nlimit: int = 0  # images"),
+                 nbformat.v4.new_code_cell("RUN = runner.notebook_run_dir(run_dir)"),
+                 nbformat.v4.new_code_cell(body)]
+        cells[1].metadata["tags"] = ["parameters"]
+        for k, c in enumerate(cells):
+            c["id"] = f"c{k}"
+        nb_node = nbformat.v4.new_notebook(cells=cells)
+        nb_node.metadata["kernelspec"] = {"name": "salt", "display_name": "Python (salt)", "language": "python"}
+        nbformat.write(nb_node, folder / f"{nb}.ipynb")
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_resume_a_failed_run(tmp_path, stub_notebooks, real_data, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    kw = dict(runs_dir=runs, notebooks_dir=stub_notebooks, overrides=[f"data_dir={real_data}"])
+    monkeypatch.setenv("SALT_TEST_FAIL_02", "1")
+    with pytest.raises(runner.RunError, match="stub training failed"):
+        runner.run_pipeline(SMOKE, name="r", **kw)
+    run = runs / "r"
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    with pytest.raises(ValueError, match="needs the --name"):
+        runner.run_pipeline(SMOKE, resume=True, **kw)
+    with pytest.raises(FileNotFoundError, match="no run to resume"):
+        runner.run_pipeline(SMOKE, name="other", resume=True, **kw)
+    with pytest.raises(params.ParamError, match=r"different parameters \(limit\)"):
+        runner.run_pipeline(SMOKE, name="r", resume=True, runs_dir=runs, notebooks_dir=stub_notebooks,
+                            overrides=[f"data_dir={real_data}", "limit=5"])
+
+    monkeypatch.delenv("SALT_TEST_FAIL_02")
+    # resume with the run's own resolved parameters, as the error message suggests
+    runner.run_pipeline(run / "params.yaml", name="r", resume=True, runs_dir=runs, notebooks_dir=stub_notebooks)
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["metrics"] == {"cv_score": 0.625, "n_images": 48}
+    assert [a["status"] for a in info["attempts"]] == ["failed"]
+    assert "stub training failed" in info["attempts"][0]["error"]
+    archived = run / "attempts" / "1"
+    assert {"01-eda.ipynb", "01-eda.html", "02-train.ipynb", "02-train.html", "run.json"} <= {
+        p.name for p in archived.iterdir()}
+    assert json.loads((archived / "run.json").read_text())["status"] == "failed"
+    assert (run / "04-predict.html").is_file() and (run / "submission.csv").is_file()
+    assert "Earlier attempts" in (run / "index.html").read_text()
+    with pytest.raises(FileExistsError, match="nothing to resume"):
+        runner.run_pipeline(run / "params.yaml", name="r", resume=True, runs_dir=runs, notebooks_dir=stub_notebooks)
+    # the CLI flag
+    code = cli.main(["run", str(run / "params.yaml"), "--name", "r", "--resume", "--runs-dir", str(runs)])
+    assert code == 2 and "nothing to resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_live_run(tmp_path):
+    runs = tmp_path / "runs"
+    _fake_run(runs, "live", status="running", host={"hostname": socket.gethostname(), "pid": os.getpid()},
+              params=dict(params.load(SMOKE), run_dir=None))
+    with pytest.raises(FileExistsError, match="still running"):
+        runner._prepare_resume(runs / "live", {})
