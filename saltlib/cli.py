@@ -33,7 +33,8 @@ def _cmd_run(args) -> int:
     from . import runner
 
     try:
-        run_dir = runner.run_pipeline(args.params, name=args.name, overrides=args.set, runs_dir=args.runs_dir)
+        run_dir = runner.run_pipeline(args.params, name=args.name, overrides=args.set, runs_dir=args.runs_dir,
+                                      resume=args.resume)
     except runner.RunError as e:
         print(f"salt run: error: {e}", file=sys.stderr)
         return 1
@@ -82,6 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", help="run folder name (default: parameter file stem + time)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (YAML value)")
     p.add_argument("--runs-dir", default=None, help="where run folders go (default papermill_runs/)")
+    p.add_argument("--resume", action="store_true",
+                   help="run the failed or killed run --name again in its folder (training resumes from checkpoints)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("runs", help="list runs and write papermill_runs/index.html")
