@@ -206,11 +206,13 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
                 epochs=stage["epochs"],
                 verbose=verbose,
                 shuffle=False,
+                # History before backup: a kill between the two repeats the epoch (its row is
+                # rewritten) instead of skipping it with no row in history.csv
                 callbacks=[
                     StopOnNaN(),
                     ValScore(x_va, y_va, cfg["val_every"], s),
-                    backup,
                     History(fold_dir / "history.csv", s),
+                    backup,
                 ],
             )
         finally:
