@@ -46,9 +46,11 @@ def test_exactly_one_parameters_cell_typed_and_commented(path):
     cell = nb.cells[tagged[0]]
     assert cell.cell_type == "code"
     for line in cell.source.splitlines():
-        if line.strip():
-            assert re.match(r"^\w+: (int|float|bool|str|list) = .+  # \S", line), (
+        if re.match(r"^\w", line):  # a parameter's first line (a long list may continue on indented lines)
+            assert re.match(r"^\w+: (int|float|bool|str|list) = .+", line), (
                 f"{path.name}: parameter line should read 'name: type = value  # comment': {line!r}")
+    for name, p in papermill.inspect_notebook(str(path)).items():
+        assert p["help"].strip(), f"{path.name}: parameter {name!r} has no comment"
     # derived values come right after the parameters, in their own cell
     assert nb.cells[tagged[0] + 1].cell_type == "code"
 
@@ -192,3 +194,41 @@ def test_salt_runs_lists_the_smoke_run(smoke_ok, capsys):
     page = (smoke_ok.runs_dir / "index.html").read_text()
     for nb in runner.NOTEBOOKS:
         assert f"smoke/{nb}.html" in page
+
+
+# --------------------------------------------------------------------------- shared figures
+def test_viz_figures_draw_edge_cases():
+    """Every helper draws without error on empty, partial and full masks (Agg backend, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from saltlib import metric, viz
+
+    rng = np.random.default_rng(0)
+    images = rng.random((5, 101, 101, 1)).astype(np.float32)
+    masks = np.zeros((5, 101, 101), bool)
+    masks[1, 50:] = True
+    masks[2] = True
+    preds = np.zeros_like(masks)
+    preds[1, 40:] = True
+    preds[3] = True  # full prediction: framed, since it has no contour
+    fig = viz.gallery(images, masks, preds, titles=[str(i) for i in range(5)], ncols=3, suptitle="t")
+    assert len(fig.axes) == 6
+    cov = masks.reshape(5, -1).mean(1)
+    viz.coverage_histogram(cov)
+    viz.depth_vs_coverage(np.array([100.0, 200, 300, np.nan, 500]), cov)
+    viz.depth_vs_coverage(np.full(5, 7.0), cov)  # a single depth: no bins
+    viz.intensity_histograms(images, masks)
+    hist = pd.DataFrame({"stage": [1, 1, 2, 2], "epoch": [1, 2, 1, 2], "loss": [0.7, 0.5, 1.2, 1.0],
+                         "lr": [1e-3, 1e-4, 1e-3, 1e-5], "val_score": [np.nan, 0.4, np.nan, 0.6]})
+    viz.learning_curves({0: hist, 1: hist.assign(val_score=np.nan)})
+    logits = rng.normal(size=(5, 101, 101)).astype(np.float32)
+    sweep = metric.sweep_thresholds(masks, logits, np.linspace(-1, 1, 5), (0, 10))
+    viz.threshold_curves({"plain": sweep, "flip TTA": sweep}, chosen={"label": "plain", **sweep})
+    table = pd.DataFrame({"n": [3, 1, 1], "score": [1.0, 0.2, 0.5]}, index=[0, 1, 10])
+    viz.score_by_class(table)
+    viz.coverage_comparison({"a": cov, "b": cov[:2]})
+    plt.close("all")
