@@ -226,7 +226,7 @@ def render_html(ipynb, html_path=None) -> Path:
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;font-size:.92em}
-th{background:#f3f3f3}code,pre{background:#f6f6f6;padding:.1em .3em}pre{padding:.6em;overflow:auto;white-space:pre-wrap}
+th{background:#f3f3f3}td{white-space:nowrap}td:last-child{white-space:normal}code,pre{background:#f6f6f6;padding:.1em .3em}pre{padding:.6em;overflow:auto;white-space:pre-wrap}
 .finished{color:#1a7f37;font-weight:bold}.failed,.died{color:#c62828;font-weight:bold}.running{color:#b26a00;font-weight:bold}
 """
 
@@ -648,7 +648,7 @@ def write_runs_index(runs_dir=None) -> Path:
             _esc(m.get("threshold", "")), _esc(m.get("min_size", "")), _esc(m.get("tta", "")),
             _esc(m.get("n_images", "")),
             _fmt_seconds(r.get("seconds")),
-            _esc(str(r.get("started") or "")[:19]),
+            _esc(str(r.get("started") or "")[:19].replace("T", " ")),
             _esc(f"{p.get('base_filters', '')}f d{p.get('depth', '')} {stages} folds {p.get('folds', '')}"
                  + (f" limit {p['limit']}" if p.get("limit") else "")),
             links,
@@ -674,7 +674,7 @@ def list_runs(runs_dir=None) -> list[dict]:
     for r in runs:
         score = (r.get("metrics") or {}).get("cv_score")
         rows.append((r["name"], r["_status"], _fmt_score(score) or "-", _fmt_seconds(r.get("seconds")) or "-",
-                     str(r.get("started") or "")[:19]))
+                     str(r.get("started") or "")[:19].replace("T", " ")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for k, row in enumerate(rows):
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
