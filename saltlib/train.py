@@ -9,7 +9,7 @@ not retrained.
 Files in a fold folder ``OUT/fold<k>/``::
 
     stage<i>.weights.h5   weights after stage i finished
-    backup/               the in-progress stage's BackupAndRestore checkpoint
+    backup<i>/            the in-progress stage's checkpoint (BackupAndRestore, written atomically)
     history.csv           one row per epoch: stage, loss, learning rate, val_score
     model.keras           the final model (written last, atomically)
     oof.npz               out-of-fold ids, logits and flipped-TTA logits (float16)
@@ -125,7 +125,25 @@ def _callbacks_module():
             rows = pd.concat([rows, pd.DataFrame([row])], ignore_index=True)
             io.write_text(self.path, rows.to_csv(index=False))
 
-    return ValScore, StopOnNaN, History
+    class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+        """``BackupAndRestore`` whose checkpoint files are written to a temporary name and renamed.
+
+        Keras writes ``latest.weights.h5`` in place, so a SIGKILL during the write left a truncated
+        file and the restarted run failed to load it. Here the weights are replaced atomically,
+        then the epoch counter; a kill between the two repeats one epoch, never loses one.
+        (Overrides the private ``_save_model`` of the pinned Keras 3.15.)
+        """
+
+        def _save_model(self):
+            Path(self.backup_dir).mkdir(parents=True, exist_ok=True)
+            with io.atomic_path(self._weights_path) as tmp:
+                self.model.save_weights(str(tmp))
+            io.write_text(
+                self._training_metadata_path,
+                json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}),
+            )
+
+    return ValScore, StopOnNaN, History, AtomicBackupAndRestore
 
 
 def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbose: int = 2) -> dict:
@@ -164,7 +182,7 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
     replicas = strategy.num_replicas_in_sync
     global_batch = cfg["batch_size"] * replicas
     steps = math.ceil(len(train_idx) / global_batch)
-    ValScore, StopOnNaN, History = _callbacks_module()
+    ValScore, StopOnNaN, History, Backup = _callbacks_module()
     timing_path = fold_dir / "timing.json"
     seconds = json.loads(timing_path.read_text())["seconds"] if timing_path.exists() else 0.0
 
@@ -197,7 +215,7 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
             x_tr, y_tr, global_batch, training=True, seed=cfg["seed"] + 1000 * fold + s,
             flip=cfg["flip"], zoom=cfg["zoom"], p_zoom=cfg["p_zoom"], brightness=cfg["brightness"],
         )
-        backup = keras.callbacks.BackupAndRestore(str(fold_dir / f"backup{s}"), delete_checkpoint=False)
+        backup = Backup(str(fold_dir / f"backup{s}"), delete_checkpoint=False)
         print(f"fold {fold} stage {s}: loss {stage['loss']}, {stage['epochs']} epochs, lr {lr:g} (cosine)")
         start = time.time()
         try:

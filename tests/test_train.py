@@ -1,0 +1,255 @@
+"""Training one fold: outputs, skipping a finished fold, NaN losses, resuming after SIGKILL,
+and reproducibility. Tiny models (4 base filters, depth 2) on 24 synthetic images."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from conftest import ROOT, subprocess_env  # noqa: E402
+from saltlib import data, metric, train  # noqa: E402
+from saltlib.train import TrainingError  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "base_filters": 4,
+    "depth": 2,
+    "blocks_per_level": 1,
+    "dropout": 0.1,
+    "mixed_precision": True,  # the shipped setting: bf16 compute, float32 weights and logits
+    "batch_size": 4,
+    "stages": [{"loss": "bce", "epochs": 2, "lr": 0.01}, {"loss": "0.5*bce+lovasz", "epochs": 1, "lr": 0.005}],
+    "flip": True,
+    "zoom": 0.1,
+    "brightness": 0.1,
+    "val_every": 1,
+    "seed": 7,
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(synthetic24):
+    ds = data.load_train(synthetic24.root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn: rare coverage classes in 24 images
+        folds = data.kfold(ds, 3, 42)
+    return ds, folds
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    ds, folds = dataset
+    out = tmp_path_factory.mktemp("run") / "models"
+    start = time.time()
+    summary = train.train_fold(ds, folds, 1, TINY, out, verbose=0)
+    return out / "fold1", summary, time.time() - start
+
+
+def test_fold_outputs(trained, dataset):
+    fold_dir, summary, _ = trained
+    ds, folds = dataset
+    names = sorted(p.name for p in fold_dir.iterdir())
+    assert names == sorted(
+        ["done.json", "history.csv", "model.keras", "oof.npz", "stage1.weights.h5", "stage2.weights.h5", "timing.json"]
+    ), names  # the BackupAndRestore folders are gone and no temporary file is left
+    done = json.loads((fold_dir / "done.json").read_text())
+    assert done == summary
+    val = folds == 1
+    assert summary["fold"] == 1 and summary["n_val"] == int(val.sum()) and summary["n_train"] == int((~val).sum())
+    assert summary["epochs"] == 3 and summary["seconds"] > 0
+    assert 0 <= summary["val_score"] <= 1 and 0 <= summary["val_score_tta"] <= 1
+
+    hist = pd.read_csv(fold_dir / "history.csv")
+    assert hist[["stage", "epoch"]].values.tolist() == [[1, 1], [1, 2], [2, 1]]
+    assert {"loss", "lr", "val_score", "time"} <= set(hist.columns)
+    assert np.isfinite(hist["loss"]).all() and hist["val_score"].between(0, 1).all()
+    # cosine decay within each stage: the learning rate falls
+    assert hist["lr"].iloc[1] < hist["lr"].iloc[0] <= 0.01
+
+    oof = np.load(fold_dir / "oof.npz", allow_pickle=False)
+    assert oof["ids"].tolist() == ds.ids[val].tolist()
+    assert oof["logits"].shape == (val.sum(), 101, 101) and oof["logits"].dtype == np.float16
+    assert oof["logits_tta"].shape == oof["logits"].shape
+    assert summary["val_score"] == pytest.approx(metric.competition_score(ds.masks[val], oof["logits"] > 0))
+
+
+def test_saved_model_reproduces_oof_logits(trained, dataset):
+    fold_dir, _, _ = trained
+    ds, folds = dataset
+    model = keras.saving.load_model(fold_dir / "model.keras", compile=False, safe_mode=True)
+    x = ds.images[folds == 1]
+    logits = train.predict_logits(model, x)
+    oof = np.load(fold_dir / "oof.npz")
+    np.testing.assert_allclose(logits, oof["logits"].astype(np.float32), atol=0.02, rtol=0.002)
+    tta = train.predict_logits(model, x, tta=True)
+    flipped = train.predict_logits(model, x[:, :, ::-1])[:, :, ::-1]
+    np.testing.assert_allclose(tta, 0.5 * (logits + flipped), atol=1e-5)
+    np.testing.assert_allclose(tta, oof["logits_tta"].astype(np.float32), atol=0.02, rtol=0.002)
+
+
+def test_finished_fold_is_skipped(trained, dataset, capsys):
+    fold_dir, summary, first_seconds = trained
+    ds, folds = dataset
+    before = {p.name: p.stat().st_mtime_ns for p in fold_dir.iterdir()}
+    start = time.time()
+    again = train.train_fold(ds, folds, 1, TINY, fold_dir.parent, verbose=0)
+    assert again == summary
+    assert "already trained" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in fold_dir.iterdir()} == before
+    assert time.time() - start < 2
+
+
+def test_same_seed_same_result(trained, dataset, tmp_path):
+    """Reproducibility. Measured on this CPU: bit-identical losses, logits and scores (the
+    augmentation uses stateless per-batch seeds). The test allows 1e-5 on losses and 0.01 on
+    logits, and demands the same val score."""
+    fold_dir, summary, _ = trained
+    ds, folds = dataset
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        np.testing.assert_array_equal(data.kfold(ds, 3, 42), folds)
+    again = train.train_fold(ds, folds, 1, TINY, tmp_path, verbose=0)
+    assert again["val_score"] == pytest.approx(summary["val_score"], abs=1e-9)
+    assert again["val_score_tta"] == pytest.approx(summary["val_score_tta"], abs=1e-9)
+    h1 = pd.read_csv(fold_dir / "history.csv")
+    h2 = pd.read_csv(tmp_path / "fold1" / "history.csv")
+    np.testing.assert_allclose(h2["loss"], h1["loss"], atol=1e-5)
+    a = np.load(fold_dir / "oof.npz")["logits"].astype(np.float32)
+    b = np.load(tmp_path / "fold1" / "oof.npz")["logits"].astype(np.float32)
+    np.testing.assert_allclose(b, a, atol=0.01)
+
+
+NAN_CFG = {**TINY, "blocks_per_level": 0, "mixed_precision": False, "dropout": 0.0,
+           "stages": [{"loss": "bce", "epochs": 2, "lr": 0.01}]}
+
+
+@pytest.mark.parametrize("case", ["huge_lr", "nan_images"])
+def test_nan_loss_raises_training_error(dataset, tmp_path, case):
+    ds, folds = dataset
+    cfg = dict(NAN_CFG)
+    if case == "huge_lr":
+        cfg["stages"] = [{"loss": "bce", "epochs": 2, "lr": 1e30}]
+    else:
+        images = ds.images.copy()
+        images[:, 40:60, 40:60] = np.nan
+        ds = data.SaltDataset(ds.ids, images, ds.masks, ds.depths, ds.root)
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf).*lower the learning rate or check the data"):
+        train.train_fold(ds, folds, 0, cfg, tmp_path, verbose=0)
+    fold_dir = tmp_path / "fold0"
+    assert not (fold_dir / "done.json").exists() and not (fold_dir / "model.keras").exists()
+    assert not (fold_dir / "stage1.weights.h5").exists()
+    assert not list(fold_dir.glob(".*.tmp*"))  # no half-written file left behind
+
+
+def test_strategy_must_be_known(dataset, tmp_path):
+    ds, folds = dataset
+    with pytest.raises(ValueError, match="unknown strategy 'tpu'"):
+        train.train_fold(ds, folds, 0, {**NAN_CFG, "strategy": "tpu"}, tmp_path, verbose=0)
+
+
+# --------------------------------------------------------------------------- kill and resume
+RESUME_EPOCHS = 8
+
+
+def _write_params(path: Path, data_dir: Path) -> Path:
+    path.write_text(
+        f"data_dir: {str(data_dir)!r}\n"
+        "n_folds: 3\nfolds: [0]\nseed: 3\n"
+        "base_filters: 4\ndepth: 2\nblocks_per_level: 0\ndropout: 0.0\nmixed_precision: false\n"
+        "batch_size: 4\nval_every: 1\n"
+        "stages:\n"
+        "  - {loss: bce, epochs: 1, lr: 0.01}\n"
+        f"  - {{loss: lovasz, epochs: {RESUME_EPOCHS}, lr: 0.005}}\n"
+    )
+    return path
+
+
+def _train_cmd(params: Path, out: Path):
+    return [sys.executable, "-m", "saltlib.cli", "train", str(params), "--out", str(out)]
+
+
+def _history(path: Path):
+    try:
+        return pd.read_csv(path)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return None
+
+
+def test_killed_training_resumes_from_last_epoch(synthetic24, tmp_path):
+    params = _write_params(tmp_path / "tiny.yaml", synthetic24.root)
+    out = tmp_path / "models"
+    fold_dir = out / "fold0"
+    hist_path = fold_dir / "history.csv"
+    log1 = open(tmp_path / "run1.log", "w")
+    proc = subprocess.Popen(_train_cmd(params, out), stdout=log1, stderr=subprocess.STDOUT,
+                            env=subprocess_env(), cwd=ROOT)
+    deadline = time.time() + 400
+    try:
+        # kill once stage 2 has completed two epochs: its BackupAndRestore checkpoint then holds
+        # at least epoch 1 (the checkpoint of epoch k is written before history row k + 1)
+        while time.time() < deadline and proc.poll() is None:
+            h = _history(hist_path)
+            if h is not None and ((h["stage"] == 2) & (h["epoch"] >= 2)).any():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log1.close()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = time.time()
+    h = _history(hist_path)
+    done_before = int((h["stage"] == 2).sum())
+    assert 2 <= done_before < RESUME_EPOCHS, "killed mid-run"
+    assert not (fold_dir / "done.json").exists() and not (fold_dir / "model.keras").exists()
+    assert (fold_dir / "stage1.weights.h5").exists() and (fold_dir / "backup2").is_dir()
+
+    second = subprocess.run(_train_cmd(params, out), capture_output=True, text=True, timeout=400,
+                            env=subprocess_env(), cwd=ROOT)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-4000:]
+    # stage 1 is not retrained, stage 2 resumes where it stopped
+    assert "stage 1 (bce): finished earlier, loading its weights" in log
+    epochs_run = [int(k) for k in re.findall(rf"Epoch (\d+)/{RESUME_EPOCHS}", log)]
+    assert epochs_run, log[-3000:]
+    # after the last epoch with a checkpoint: done_before + 1, or done_before if the kill fell
+    # between writing its history row and its checkpoint; never epoch 1
+    assert epochs_run[0] in (done_before, done_before + 1)
+    assert epochs_run == list(range(epochs_run[0], RESUME_EPOCHS + 1))
+
+    h = pd.read_csv(hist_path)
+    assert h[["stage", "epoch"]].values.tolist() == [[1, 1]] + [[2, e] for e in range(1, RESUME_EPOCHS + 1)]
+    assert (h["time"].iloc[: epochs_run[0]] < killed_at).all()  # rows before the resume are the old ones
+    assert (h["time"].iloc[epochs_run[0]:] > killed_at).all()
+    assert (fold_dir / "done.json").exists() and (fold_dir / "model.keras").exists()
+    assert not (fold_dir / "backup2").exists()
+    summary = json.loads((fold_dir / "done.json").read_text())
+    assert summary["epochs"] == 1 + RESUME_EPOCHS
+
+    # (a third start that finds the fold finished: test_finished_fold_is_skipped, in-process)
+
+
+def test_cli_train_reports_bad_params(tmp_path):
+    params = tmp_path / "bad.yaml"
+    params.write_text("depth: 9\n")
+    proc = subprocess.run(_train_cmd(params, tmp_path / "out"), capture_output=True, text=True, timeout=120,
+                          env=subprocess_env(), cwd=ROOT)
+    assert proc.returncode == 2
+    assert "parameter 'depth' must be <= 5" in proc.stderr
+    assert not (tmp_path / "out").exists()
