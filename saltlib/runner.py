@@ -388,7 +388,8 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
         runs_dir: where run folders go; default :func:`default_runs_dir`.
         notebooks_dir: folder with the four notebooks; default ``notebooks/``.
         kernel_name: Jupyter kernel to execute with (installed by :func:`ensure_kernel` if ``salt``).
-        resume: continue the failed or killed run ``name`` (see above).
+        resume: continue the failed or killed run ``name`` (see above), or run the notebooks on a folder
+            holding only ``models/``, trained by ``salt train PARAMS --out <runs_dir>/<name>/models``.
     Returns:
         the finished run folder.
     Raises:
@@ -438,7 +439,7 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
     else:
         run_dir = _create_run_dir(runs_dir, name, Path(params_path).stem).resolve()
     cfg["run_dir"] = str(run_dir)
-    if not resume:
+    if not (run_dir / "params.yaml").exists():
         io.write_text(run_dir / "params.yaml", _params_yaml(cfg, params_path, overrides))
     info = {
         "name": run_dir.name,
@@ -528,6 +529,11 @@ def _prepare_resume(run_dir: Path, cfg: dict) -> list:
     notebooks, reports and results to ``attempts/<k>/``. Returns the updated list of attempts."""
     info_path = run_dir / "run.json"
     if not info_path.is_file():
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} == {"models"}:
+            # a folder whose folds were trained by `salt train --out <run>/models`: 02 skips the
+            # finished folds (and resumes unfinished ones), the other notebooks run as usual
+            print(f"run {run_dir.name}: using the folds trained in {run_dir / 'models'}", flush=True)
+            return []
         raise FileNotFoundError(f"no run to resume: {info_path} does not exist")
     old = json.loads(info_path.read_text())
     status = _status(old)
