@@ -5,6 +5,7 @@
     salt train PARAMS.yaml --out DIR [--folds 0,1]             train folds without notebooks (resumable)
     salt predict --model models/NAME --images DIR --out submission.csv
     salt data [--kaggle]                                       show (or download) the data folder
+    salt ship RUN_DIR --name NAME                              copy a run's bundle to models/NAME + model card
     salt kernel                                                install the 'salt' Jupyter kernel spec
 """
 
@@ -65,6 +66,14 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _cmd_ship(args) -> int:
+    from . import ship
+
+    dest = ship.ship(args.run, args.name, benchmark_json=args.benchmark)
+    print(f"shipped {dest}")
+    return 0
+
+
 def _cmd_kernel(args) -> int:
     from . import runner
 
@@ -109,6 +118,12 @@ def main(argv=None) -> int:
     p.add_argument("--kaggle", action="store_true", help="download with the kaggle package (needs credentials)")
     p.add_argument("--dest", default=None)
     p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("ship", help="copy a finished run's bundle to models/NAME with a model card")
+    p.add_argument("run", help="run folder, e.g. papermill_runs/NAME")
+    p.add_argument("--name", required=True)
+    p.add_argument("--benchmark", help="JSON written by benchmarks/benchmark.py --json, added to the card")
+    p.set_defaults(func=_cmd_ship)
 
     p = sub.add_parser("kernel", help="install the project's Jupyter kernel spec ('salt') into this environment")
     p.set_defaults(func=_cmd_kernel)

@@ -1,0 +1,145 @@
+"""Shipping a run's model bundle into ``models/<name>/`` with a model card.
+
+``salt ship papermill_runs/<run> --name NAME`` copies the run's ``bundle/`` (the fold models and the
+post-processing that notebook 03 chose), its ``params.yaml`` and ``metrics.json``, and writes
+``MODEL_CARD.md`` from the run's records: the recipe, the CV score per fold, the training time and
+hardware, and the commands that reproduce it. A finished run is required.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from . import io, predict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: is this a finished run folder?")
+    return json.loads(path.read_text())
+
+
+def model_card(run_dir, name: str, benchmark: dict | None = None) -> str:
+    """The Markdown model card of a finished run.
+
+    Args:
+        run_dir: the run folder (``papermill_runs/<run>``).
+        name: the bundle name under ``models/``.
+        benchmark: optional figures from ``benchmarks/benchmark.py --json``.
+    Returns:
+        the card's text.
+    """
+    run_dir = Path(run_dir)
+    info = _read_json(run_dir / "run.json")
+    metrics = _read_json(run_dir / "metrics.json")
+    p = info.get("params") or {}
+    folds = sorted((run_dir / "models").glob("fold*/done.json"))
+    fold_rows = [json.loads(f.read_text()) for f in folds]
+    train_s = sum(r.get("seconds", 0) for r in fold_rows)
+    cpu = info.get("host", {}).get("cpus")
+    lines = [
+        f"# Model card: {name}",
+        "",
+        "A ResNet-U-Net (U-Net with pre-activation residual blocks) trained from scratch for the TGS Salt",
+        "Identification Challenge: 101x101 seismic images in, one salt logit per pixel out.",
+        "",
+        "## Score",
+        "",
+        f"- **CV score {metrics['cv_score']:.4f}**: the competition metric (mean over IoU thresholds 0.50..0.95",
+        f"  of [IoU > t], per image, averaged) on {metrics['n_images']} labelled images the model did not train",
+        f"  on: fold(s) {metrics['folds']} of a {metrics['n_folds']}-fold split stratified by salt coverage, with the",
+        "  post-processing below. The cut-off and small-mask size were chosen on these same images (two",
+        "  numbers, so the optimism is small); the score at logit 0 without TTA or small-mask removal is",
+        f"  {metrics['cv_score_untuned']:.4f}.",
+        "- Per fold: " + ", ".join(f"fold {f}: {s:.4f}" for f, s in metrics["per_fold"].items()),
+        f"- Empty images predicted empty: {metrics['empty_accuracy']:.1%}; salt images with salt predicted:"
+        f" {metrics['salt_recall']:.1%}.",
+        "- Per coverage class (0 = empty, k = up to k*10% salt):",
+        "",
+        "| class | images | score |",
+        "| --- | --- | --- |",
+    ]
+    for c, row in metrics["per_coverage_class"].items():
+        lines.append(f"| {c} | {row['n']} | {row['score']:.4f} |")
+    lines += [
+        "",
+        "## Post-processing (bundle.json)",
+        "",
+        f"- cut-off: logit > {metrics['threshold']:+.2f}; masks under {metrics['min_size']} pixels are emptied;"
+        f" flip TTA: {'yes' if metrics['tta'] else 'no'}.",
+        "",
+        "## Recipe",
+        "",
+        f"- Parameter file: `params.yaml` here (from `{Path(info.get('params_file', '?')).name}`).",
+        f"- Model: {p.get('base_filters')} base filters, depth {p.get('depth')}, {p.get('blocks_per_level')}"
+        f" residual blocks per level, dropout {p.get('dropout')}, "
+        + ("bfloat16 mixed precision" if p.get("mixed_precision") else "float32") + ".",
+        "- Stages: " + "; ".join(f"{s['loss']} for {s['epochs']} epochs from lr {s['lr']:g} (cosine)" for s in p.get("stages", [])),
+        f"- Batch {p.get('batch_size')}, Adam; augmentation: flip {p.get('flip')}, zoom {p.get('zoom')}"
+        f" (p {p.get('p_zoom')}), brightness/contrast {p.get('brightness')}. Seed {p.get('seed')}.",
+        "- Data: the 3,400 labelled images of `../shared/data/tgs-salt` (Kaggle's train set less 600 held out by"
+        " the maintainers); fingerprint in `run.json`.",
+        "",
+        "## Training",
+        "",
+    ]
+    for r in fold_rows:
+        lines.append(
+            f"- fold {r['fold']}: {r['n_train']} training images, {r['epochs']} epochs in "
+            f"{r['seconds'] / 3600:.2f} h ({r.get('train_images_per_s', float('nan')):.1f} images/s, "
+            f"validation included)"
+        )
+    lines += [
+        f"- Hardware: {cpu} CPU cores ({platform.processor() or platform.machine()}), no GPU; "
+        f"{train_s / 3600 * (cpu or 1):.1f} CPU-core-hours of training.",
+        f"- Code: git commit {info.get('git', {}).get('commit')}; versions: "
+        + ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items()),
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        f"make setup",
+        f".venv/bin/salt train models/{name}/params.yaml --out papermill_runs/{name}/models   # resumable",
+        f".venv/bin/salt run models/{name}/params.yaml --name {name} --resume               # notebooks 01-04",
+        f".venv/bin/salt ship papermill_runs/{name} --name {name}",
+        "```",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f".venv/bin/salt predict --model models/{name} --images DIR_OF_PNGS --out submission.csv",
+        "```",
+    ]
+    if benchmark:
+        lines += ["", "## Speed (benchmarks/benchmark.py)", "", "```", benchmark.get("table", json.dumps(benchmark, indent=1)), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def ship(run_dir, name: str, models_dir=None, benchmark_json=None) -> Path:
+    """Copy a finished run's bundle to ``models/<name>/`` and write its model card.
+
+    Raises:
+        FileExistsError: ``models/<name>`` exists (shipped bundles are not overwritten).
+        FileNotFoundError: the run lacks ``run.json``, ``metrics.json`` or ``bundle/``.
+    """
+    run_dir = Path(run_dir)
+    dest = Path(models_dir or PROJECT_ROOT / "models") / name
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists; shipped bundles are not overwritten (pick another --name)")
+    info = _read_json(run_dir / "run.json")
+    if info.get("status") != "finished":
+        raise ValueError(f"run {run_dir} is {info.get('status')!r}, not finished")
+    spec = predict.read_bundle_spec(run_dir / "bundle")
+    benchmark = json.loads(Path(benchmark_json).read_text()) if benchmark_json else None
+    card = model_card(run_dir, name, benchmark)
+    models = [run_dir / "bundle" / m for m in spec["models"]]
+    meta = {**(spec.get("meta") or {}), "name": name, "source_run": run_dir.name}
+    predict.write_bundle(dest, models, spec["threshold"], spec["min_size"], spec["tta"], meta=meta)
+    io.write_text(dest / "params.yaml", (run_dir / "params.yaml").read_text())
+    io.write_text(dest / "metrics.json", (run_dir / "metrics.json").read_text())
+    io.write_text(dest / "MODEL_CARD.md", card)
+    return dest

@@ -1,0 +1,92 @@
+"""Shipping a finished run (``salt ship``) and running the notebooks on folds trained by ``salt train``.
+
+Both reuse the shared smoke run (tests/_smoke.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import _smoke
+from saltlib import predict, ship
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def smoke_ok(tmp_path_factory, real_data):
+    run = _smoke.get(tmp_path_factory, real_data)
+    if run.returncode != 0:
+        pytest.fail(run.describe())
+    return run
+
+
+def test_ship_copies_bundle_and_writes_card(smoke_ok, tmp_path):
+    dest = ship.ship(smoke_ok.run_dir, "tiny", models_dir=tmp_path)
+    assert dest == tmp_path / "tiny"
+    for f in ("bundle.json", "model0.keras", "params.yaml", "metrics.json", "MODEL_CARD.md"):
+        assert (dest / f).is_file(), f
+    metrics = json.loads((smoke_ok.run_dir / "metrics.json").read_text())
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert f"CV score {metrics['cv_score']:.4f}" in card
+    assert "salt predict --model models/tiny" in card
+    assert "fold 0:" in card and "epochs in" in card
+    shipped, original = predict.load_bundle(dest), predict.load_bundle(smoke_ok.run_dir / "bundle")
+    assert (shipped.threshold, shipped.min_size, shipped.tta) == (original.threshold, original.min_size, original.tta)
+    assert shipped.meta["source_run"] == "smoke" and shipped.meta["name"] == "tiny"
+    x = np.random.default_rng(0).random((3, 101, 101, 1), dtype=np.float32)
+    np.testing.assert_array_equal(shipped.predict_logits(x), original.predict_logits(x))
+
+
+def test_ship_never_overwrites(smoke_ok, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="taken"):
+        ship.ship(smoke_ok.run_dir, "taken", models_dir=tmp_path)
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_ship_refuses_unfinished_run(smoke_ok, tmp_path):
+    run = tmp_path / "half"
+    run.mkdir()
+    info = json.loads((smoke_ok.run_dir / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "failed"}))
+    with pytest.raises(ValueError, match="failed"):
+        ship.ship(run, "x", models_dir=tmp_path / "models")
+    with pytest.raises(FileNotFoundError, match="run.json"):
+        ship.ship(tmp_path / "nothing", "x", models_dir=tmp_path / "models")
+
+
+@pytest.mark.slow
+def test_notebooks_on_folds_trained_by_salt_train(smoke_ok, tmp_path):
+    """`salt train --out RUNS/NAME/models` then `salt run --name NAME --resume`: 02 skips the fold."""
+    runs = tmp_path / "runs"
+    shutil.copytree(smoke_ok.run_dir / "models", runs / "pre" / "models")
+    done_before = (runs / "pre" / "models" / "fold0" / "done.json").read_text()
+    proc = subprocess.run(
+        [sys.executable, "-m", "saltlib.cli", "run", str(ROOT / "params" / "smoke.yaml"), "--name", "pre",
+         "--resume", "--runs-dir", str(runs), "--set", f"data_dir={smoke_ok.data_dir}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fold 0: already trained" in proc.stdout
+    info = json.loads((runs / "pre" / "run.json").read_text())
+    assert info["status"] == "finished" and info["attempts"] == []
+    assert (runs / "pre" / "models" / "fold0" / "done.json").read_text() == done_before
+    assert (runs / "pre" / "submission.csv").is_file() and (runs / "pre" / "params.yaml").is_file()
+    # a folder with anything besides models/ is not taken for a pre-trained one
+    (runs / "other" / "models").mkdir(parents=True)
+    (runs / "other" / "stray.txt").write_text("x")
+    proc = subprocess.run(
+        [sys.executable, "-m", "saltlib.cli", "run", str(ROOT / "params" / "smoke.yaml"), "--name", "other",
+         "--resume", "--runs-dir", str(runs), "--set", f"data_dir={smoke_ok.data_dir}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode != 0 and "no run to resume" in proc.stderr
