@@ -132,6 +132,39 @@ def test_same_seed_same_result(trained, dataset, tmp_path):
     np.testing.assert_allclose(b, a, atol=0.01)
 
 
+def test_augmentation_is_seeded_per_batch():
+    """make_dataset: same seed -> same batches epoch by epoch; epochs and seeds differ; masks stay
+    binary and geometric changes move image and mask together."""
+    from saltlib import augment
+
+    rng = np.random.default_rng(0)
+    x = rng.random((12, 101, 101, 1)).astype(np.float32)
+    y = np.zeros((12, 101, 101), bool)
+    y[:, 30:70, 10:40] = True
+    x[..., 0][y] = 1.0  # the salt square is bright: its pixels must move with the mask
+
+    def epochs(seed, n=2):
+        ds = augment.make_dataset(x, y, 4, training=True, seed=seed, flip=True, zoom=0.2, p_zoom=1.0,
+                                  brightness=0.0)
+        return [[(a.numpy(), b.numpy()) for a, b in ds] for _ in range(n)]
+
+    a, b, c = epochs(5), epochs(5), epochs(6)
+    for ea, eb in zip(a, b):
+        for (xa, ya), (xb, yb) in zip(ea, eb):
+            np.testing.assert_array_equal(xa, xb)
+            np.testing.assert_array_equal(ya, yb)
+    flat = lambda e: np.concatenate([xb.ravel() for xb, _ in e])  # noqa: E731
+    assert not np.array_equal(flat(a[0]), flat(a[1])) and not np.array_equal(flat(a[0]), flat(c[0]))
+    for xb, yb in a[0] + a[1]:
+        assert xb.shape[1:] == (101, 101, 1) and yb.shape == xb.shape
+        assert set(np.unique(yb).tolist()) <= {0.0, 1.0}
+        inside = xb[yb > 0.5]
+        assert inside.mean() > 0.9  # bright pixels under the moved mask
+    val = list(augment.make_dataset(x, y, 5, training=False))
+    assert [len(v[0]) for v in val] == [5, 5, 2]
+    np.testing.assert_array_equal(np.concatenate([v[0].numpy() for v in val]), x)
+
+
 NAN_CFG = {**TINY, "blocks_per_level": 0, "mixed_precision": False, "dropout": 0.0,
            "stages": [{"loss": "bce", "epochs": 2, "lr": 0.01}]}
 
@@ -161,7 +194,7 @@ def test_strategy_must_be_known(dataset, tmp_path):
 
 
 # --------------------------------------------------------------------------- kill and resume
-RESUME_EPOCHS = 8
+RESUME_EPOCHS = 10
 
 
 def _write_params(path: Path, data_dir: Path) -> Path:
