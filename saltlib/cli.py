@@ -4,7 +4,7 @@
     salt runs                                                  table of runs + papermill_runs/index.html
     salt train PARAMS.yaml --out DIR [--folds 0,1]             train folds without notebooks (resumable)
     salt predict --model models/NAME --images DIR --out submission.csv
-    salt data [--kaggle]                                       show (or download) the data folder
+    salt data [--kaggle]                                       find (or download) the data and check it
     salt ship RUN_DIR --name NAME                              copy a run's bundle to models/NAME + model card
     salt kernel                                                install the 'salt' Jupyter kernel spec
 """
@@ -62,7 +62,11 @@ def _cmd_data(args) -> int:
     from . import data
 
     root = data.download_kaggle(args.dest) if args.kaggle else data.find_data_dir(args.dest)
-    print(root)
+    print(f"data folder: {root}")
+    ds = data.load_train(root)  # checks every image, mask and RLE; raises DataError naming a bad one
+    n_test = len(data.list_pngs(root / "test" / "images")) if (root / "test" / "images").is_dir() else 0
+    print(f"checked {len(ds)} training images, masks and RLEs ({(ds.coverage == 0).mean():.1%} empty); "
+          f"{n_test} test images")
     return 0
 
 
@@ -114,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("data", help="print the data folder in use, or download it from Kaggle")
+    p = sub.add_parser("data", help="find (or download from Kaggle) the data folder and check every file")
     p.add_argument("--kaggle", action="store_true", help="download with the kaggle package (needs credentials)")
     p.add_argument("--dest", default=None)
     p.set_defaults(func=_cmd_data)
