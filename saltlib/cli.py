@@ -73,7 +73,7 @@ def _cmd_data(args) -> int:
 def _cmd_ship(args) -> int:
     from . import ship
 
-    dest = ship.ship(args.run, args.name, benchmark_json=args.benchmark)
+    dest = ship.ship(args.run, args.name, benchmark_file=args.benchmark)
     print(f"shipped {dest}")
     return 0
 
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("ship", help="copy a finished run's bundle to models/NAME with a model card")
     p.add_argument("run", help="run folder, e.g. papermill_runs/NAME")
     p.add_argument("--name", required=True)
-    p.add_argument("--benchmark", help="JSON written by benchmarks/benchmark.py --json, added to the card")
+    p.add_argument("--benchmark", help="text printed by benchmarks/benchmark.py, added to the card")
     p.set_defaults(func=_cmd_ship)
 
     p = sub.add_parser("kernel", help="install the project's Jupyter kernel spec ('salt') into this environment")

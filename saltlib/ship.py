@@ -23,13 +23,13 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def model_card(run_dir, name: str, benchmark: dict | None = None) -> str:
+def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
     """The Markdown model card of a finished run.
 
     Args:
         run_dir: the run folder (``papermill_runs/<run>``).
         name: the bundle name under ``models/``.
-        benchmark: optional figures from ``benchmarks/benchmark.py --json``.
+        benchmark: optional text printed by ``benchmarks/benchmark.py``, shown verbatim.
     Returns:
         the card's text.
     """
@@ -115,11 +115,11 @@ def model_card(run_dir, name: str, benchmark: dict | None = None) -> str:
         "```",
     ]
     if benchmark:
-        lines += ["", "## Speed (benchmarks/benchmark.py)", "", "```", benchmark.get("table", json.dumps(benchmark, indent=1)), "```"]
+        lines += ["", "## Speed (benchmarks/benchmark.py, this machine)", "", "```", benchmark.strip(), "```"]
     return "\n".join(lines) + "\n"
 
 
-def ship(run_dir, name: str, models_dir=None, benchmark_json=None) -> Path:
+def ship(run_dir, name: str, models_dir=None, benchmark_file=None) -> Path:
     """Copy a finished run's bundle to ``models/<name>/`` and write its model card.
 
     Raises:
@@ -134,7 +134,7 @@ def ship(run_dir, name: str, models_dir=None, benchmark_json=None) -> Path:
     if info.get("status") != "finished":
         raise ValueError(f"run {run_dir} is {info.get('status')!r}, not finished")
     spec = predict.read_bundle_spec(run_dir / "bundle")
-    benchmark = json.loads(Path(benchmark_json).read_text()) if benchmark_json else None
+    benchmark = Path(benchmark_file).read_text() if benchmark_file else None
     card = model_card(run_dir, name, benchmark)
     models = [run_dir / "bundle" / m for m in spec["models"]]
     meta = {**(spec.get("meta") or {}), "name": name, "source_run": run_dir.name}

@@ -29,8 +29,10 @@ def smoke_ok(tmp_path_factory, real_data):
 
 
 def test_ship_copies_bundle_and_writes_card(smoke_ok, tmp_path):
-    dest = ship.ship(smoke_ok.run_dir, "tiny", models_dir=tmp_path)
-    assert dest == tmp_path / "tiny"
+    bench = tmp_path / "bench.txt"
+    bench.write_text("config  train img/s\nbundle  12.5\n")
+    dest = ship.ship(smoke_ok.run_dir, "tiny", models_dir=tmp_path / "models", benchmark_file=bench)
+    assert dest == tmp_path / "models" / "tiny"
     for f in ("bundle.json", "model0.keras", "params.yaml", "metrics.json", "MODEL_CARD.md"):
         assert (dest / f).is_file(), f
     metrics = json.loads((smoke_ok.run_dir / "metrics.json").read_text())
@@ -38,6 +40,7 @@ def test_ship_copies_bundle_and_writes_card(smoke_ok, tmp_path):
     assert f"CV score {metrics['cv_score']:.4f}" in card
     assert "salt predict --model models/tiny" in card
     assert "fold 0:" in card and "epochs in" in card
+    assert "bundle  12.5" in card
     shipped, original = predict.load_bundle(dest), predict.load_bundle(smoke_ok.run_dir / "bundle")
     assert (shipped.threshold, shipped.min_size, shipped.tta) == (original.threshold, original.min_size, original.tta)
     assert shipped.meta["source_run"] == "smoke" and shipped.meta["name"] == "tiny"
