@@ -63,14 +63,15 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         "| class | images | score |",
         "| --- | --- | --- |",
     ]
-    for c, row in metrics["per_coverage_class"].items():
+    for c, row in sorted(metrics["per_coverage_class"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {c} | {row['n']} | {row['score']:.4f} |")
     lines += [
         "",
         "## Post-processing (bundle.json)",
         "",
-        f"- cut-off: logit > {metrics['threshold']:+.2f}; masks under {metrics['min_size']} pixels are emptied;"
-        f" flip TTA: {'yes' if metrics['tta'] else 'no'}.",
+        f"- cut-off: logit > {metrics['threshold']:+.2f}; "
+        + (f"masks under {metrics['min_size']} pixels are emptied" if metrics["min_size"] else "no small-mask removal")
+        + f"; flip TTA: {'yes' if metrics['tta'] else 'no'}.",
         "",
         "## Recipe",
         "",
@@ -95,7 +96,7 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         )
     lines += [
         f"- Hardware: {cpu} CPU cores ({platform.processor() or platform.machine()}), no GPU; "
-        f"{train_s / 3600 * (cpu or 1):.1f} CPU-core-hours of training.",
+        f"{train_s / 3600 * (cpu or 1):.1f} CPU-core-hours of training (wall time x cores).",
         f"- Code: git commit {info.get('git', {}).get('commit')}; versions: "
         + ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items()),
         "",
@@ -115,7 +116,8 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         "```",
     ]
     if benchmark:
-        lines += ["", "## Speed (benchmarks/benchmark.py, this machine)", "", "```", benchmark.strip(), "```"]
+        text = "\n".join(l for l in benchmark.strip().splitlines() if not l.startswith("wrote "))
+        lines += ["", "## Speed (benchmarks/benchmark.py, this machine)", "", "```", text, "```"]
     return "\n".join(lines) + "\n"
 
 
