@@ -6,7 +6,7 @@ Modules:
     data      -- loading and validating a Kaggle-layout data folder, stratified folds.
     losses    -- Lovász hinge, BCE on logits, losses chosen by name.
     model     -- the ResNet-U-Net.
-    augment   -- tf.data augmentation.
+    augment   -- augmentation and input pipelines (tf.data; numpy for other backends).
     train     -- resumable, staged training of one fold.
     postprocess, predict -- cut-offs, TTA, small-mask removal, submissions.
     params, runner, cli -- parameter checking and papermill runs (``salt`` command).

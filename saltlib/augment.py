@@ -1,4 +1,8 @@
-"""Batch augmentation for tf.data pipelines (TensorFlow ops; used with any Keras backend).
+"""Batch augmentation and training input pipelines.
+
+Two implementations of the same augmentation: TensorFlow ops in a ``tf.data`` pipeline (the
+TensorFlow backend, the default), and numpy in a ``keras.utils.PyDataset`` (any other Keras backend,
+for example JAX on a GPU machine with no TensorFlow installed). :func:`make_dataset` picks by backend.
 
 Geometric changes are applied identically to image and mask: a horizontal flip (seismic sections
 are not symmetric top-to-bottom, so no vertical flip) and a random zoom-in crop, which is a small
@@ -7,11 +11,15 @@ scale change plus a shift. Intensity changes (brightness and contrast) touch the
 
 from __future__ import annotations
 
-import tensorflow as tf
+import math
+
+import numpy as np
 
 
 def _uniform(shape, seed, k: int, minval=0.0, maxval=1.0):
     """Uniform random numbers: stateless from ``(seed, k)`` when a seed is given, else stateful."""
+    import tensorflow as tf
+
     if seed is None:
         return tf.random.uniform(shape, minval, maxval)
     return tf.random.stateless_uniform(
@@ -35,6 +43,8 @@ def augment_batch(images, masks, flip: bool = True, zoom: float = 0.1, p_zoom: f
     Returns:
         ``(images, masks)`` with the same shapes; masks stay in {0, 1}.
     """
+    import tensorflow as tf
+
     b = tf.shape(images)[0]
     h, w = images.shape[1], images.shape[2]
     if flip:
@@ -60,8 +70,101 @@ def augment_batch(images, masks, flip: bool = True, zoom: float = 0.1, p_zoom: f
     return images, masks
 
 
-def make_dataset(images, masks, batch_size: int, training: bool, seed: int = 0, **aug):
-    """A ``tf.data.Dataset`` of ``(image, mask)`` batches.
+def resize_matrix(start: float, size: float, n: int) -> np.ndarray:
+    """Bilinear interpolation matrix of a crop, as ``tf.image.crop_and_resize`` samples it.
+
+    Args:
+        start: crop start, as a fraction of the side (0 = first pixel centre, 1 = last).
+        size: crop length as a fraction of the side (``start + size <= 1``).
+        n: side length in pixels (input and output).
+    Returns:
+        ``(n, n)`` float32 ``W`` with ``out = W @ image`` along that axis: output pixel ``i``
+        samples position ``(start + i * size / (n - 1)) * (n - 1)``; each row sums to 1.
+    """
+    pos = (start + np.arange(n) * size / (n - 1)) * (n - 1)
+    lo = np.clip(np.floor(pos).astype(int), 0, n - 1)
+    hi = np.minimum(lo + 1, n - 1)
+    frac = (pos - lo).astype(np.float32)
+    w = np.zeros((n, n), np.float32)
+    np.add.at(w, (np.arange(n), lo), 1.0 - frac)
+    np.add.at(w, (np.arange(n), hi), frac)
+    return w
+
+
+def augment_batch_numpy(images, masks, rng: np.random.Generator, flip: bool = True,
+                        zoom: float = 0.1, p_zoom: float = 0.5, brightness: float = 0.1):
+    """:func:`augment_batch` in numpy (same transformations and ranges).
+
+    Args:
+        images: ``(B, H, W, 1)`` float32 in [0, 1] (``H == W``).
+        masks: ``(B, H, W, 1)`` float32 in {0, 1}.
+        rng: the random generator that draws this batch's changes.
+        flip, zoom, p_zoom, brightness: as in :func:`augment_batch`.
+    Returns:
+        new ``(images, masks)`` arrays with the same shapes; masks stay in {0, 1}.
+    """
+    images = np.array(images, np.float32)
+    masks = np.array(masks, np.float32)
+    b, h, w = images.shape[:3]
+    if flip:
+        do = rng.random(b) < 0.5
+        images[do] = images[do, :, ::-1]
+        masks[do] = masks[do, :, ::-1]
+    if zoom > 0:
+        size = np.where(rng.random(b) < p_zoom, 1.0 - rng.uniform(0.0, zoom, b), 1.0)
+        y0, x0 = rng.random(b) * (1.0 - size), rng.random(b) * (1.0 - size)
+        for k in np.flatnonzero(size < 1.0):
+            wy, wx = resize_matrix(y0[k], size[k], h), resize_matrix(x0[k], size[k], w)
+            images[k, ..., 0] = wy @ images[k, ..., 0] @ wx.T
+            masks[k, ..., 0] = (wy @ masks[k, ..., 0] @ wx.T) > 0.5
+    if brightness > 0:
+        add = rng.uniform(-brightness, brightness, (b, 1, 1, 1)).astype(np.float32)
+        mul = rng.uniform(1.0 - brightness, 1.0 + brightness, (b, 1, 1, 1)).astype(np.float32)
+        mean = images.mean(axis=(1, 2, 3), keepdims=True)
+        images = np.clip((images - mean) * mul + mean + add, 0.0, 1.0)
+    return images, masks
+
+
+def _numpy_batches_class():
+    import keras
+
+    class NumpyBatches(keras.utils.PyDataset):
+        """Shuffled, augmented ``(image, mask)`` batches from numpy arrays, for any Keras backend.
+
+        Batch ``i`` of epoch ``e`` is a function of ``(seed, e, i)`` alone (its own
+        ``numpy.random.Generator``), so worker threads cannot change the random numbers.
+        """
+
+        def __init__(self, images, masks, batch_size, training, seed=0, workers=1, **aug):
+            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=16)
+            self.images, self.masks = images, masks
+            self.batch_size, self.training, self.seed, self.aug = batch_size, training, seed, aug
+            self.epoch = 0
+
+        def __len__(self):
+            return math.ceil(len(self.images) / self.batch_size)
+
+        def _order(self, epoch):
+            if not self.training:
+                return np.arange(len(self.images))
+            return np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
+
+        def __getitem__(self, i):
+            idx = self._order(self.epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+            x, y = self.images[idx], self.masks[idx]
+            if self.training and self.aug:
+                x, y = augment_batch_numpy(x, y, np.random.default_rng([self.seed, self.epoch, i]), **self.aug)
+            return x, y
+
+        def on_epoch_end(self):
+            self.epoch += 1
+
+    return NumpyBatches
+
+
+def make_dataset(images, masks, batch_size: int, training: bool, seed: int = 0, workers: int = 4, **aug):
+    """Training batches: a ``tf.data.Dataset`` under the TensorFlow backend, else a
+    ``keras.utils.PyDataset`` with the numpy augmentation.
 
     Args:
         images: ``(N, H, W, 1)`` float32.
@@ -71,10 +174,18 @@ def make_dataset(images, masks, batch_size: int, training: bool, seed: int = 0, 
         seed: shuffle and augmentation seed: the same seed gives the same batches, epoch by epoch
             (augmentation draws per-batch seeds from a seeded stream and uses stateless ops, so the
             parallel ``map`` cannot reorder random numbers between batches).
+        workers: threads of the numpy pipeline (not used by ``tf.data``).
         **aug: keyword arguments of :func:`augment_batch`.
     """
+    import keras
+
     masks = masks.reshape(masks.shape[:3] + (1,)).astype("float32")
-    ds = tf.data.Dataset.from_tensor_slices((images.astype("float32"), masks))
+    images = images.astype("float32")
+    if keras.backend.backend() != "tensorflow":
+        return _numpy_batches_class()(images, masks, batch_size, training, seed, workers, **aug)
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((images, masks))
     if training:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)

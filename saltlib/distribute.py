@@ -1,10 +1,22 @@
-"""Choosing a ``tf.distribute`` strategy by name (TensorFlow backend only)."""
+"""Choosing a ``tf.distribute`` strategy by name (distributed ones need the TensorFlow backend)."""
 
 from __future__ import annotations
 
 import os
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+class SingleDevice:
+    """The ``default`` strategy under a non-TensorFlow backend: one device, nothing distributed
+    (the backend places the model; JAX picks the GPU when it has one)."""
+
+    num_replicas_in_sync = 1
+
+    def scope(self):
+        import contextlib
+
+        return contextlib.nullcontext()
 
 
 def get_strategy(name: str = "default"):
@@ -20,14 +32,17 @@ def get_strategy(name: str = "default"):
         ValueError: for an unknown name, or a distributed strategy under a non-TensorFlow backend.
     """
     import keras
-    import tensorflow as tf
 
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose from {list(STRATEGIES)}")
-    if name != "default" and keras.backend.backend() != "tensorflow":
-        raise ValueError(
-            f"strategy {name!r} needs KERAS_BACKEND=tensorflow (now {keras.backend.backend()!r})"
-        )
+    if keras.backend.backend() != "tensorflow":
+        if name != "default":
+            raise ValueError(
+                f"strategy {name!r} needs KERAS_BACKEND=tensorflow (now {keras.backend.backend()!r})"
+            )
+        return SingleDevice()
+    import tensorflow as tf
+
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":

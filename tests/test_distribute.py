@@ -94,6 +94,19 @@ def test_default_strategy_has_one_replica():
     assert distribute.get_strategy("default").num_replicas_in_sync == 1
 
 
+def test_non_tensorflow_backend_gets_single_device(monkeypatch):
+    """Under JAX (say) 'default' needs no TensorFlow; distributed strategies are refused by name."""
+    import keras
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    s = distribute.get_strategy("default")
+    assert isinstance(s, distribute.SingleDevice) and s.num_replicas_in_sync == 1
+    with s.scope():
+        pass
+    with pytest.raises(ValueError, match="'mirrored' needs KERAS_BACKEND=tensorflow"):
+        distribute.get_strategy("mirrored")
+
+
 def test_multi_worker_needs_tf_config(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(ValueError, match="needs TF_CONFIG"):

@@ -1,0 +1,138 @@
+"""The numpy augmentation and ``PyDataset`` pipeline used by non-TensorFlow backends (JAX on a GPU
+machine without TensorFlow): checked against the TensorFlow implementation and hand-made cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from saltlib import augment
+
+
+@pytest.mark.parametrize("start,size", [(0.0, 1.0), (0.0, 0.9), (0.05, 0.9), (0.1, 0.9), (0.013, 0.95)])
+def test_resize_matrix_matches_crop_and_resize(start, size):
+    """``Wy @ img @ Wx.T`` equals ``tf.image.crop_and_resize`` (bilinear) on the same box."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    img = rng.random((1, 101, 101, 1)).astype(np.float32)
+    x0 = size / 3 * (1 - size)  # a different offset on the other axis
+    ref = tf.image.crop_and_resize(img, [[start, x0, start + size, x0 + size]], [0], (101, 101)).numpy()
+    mine = augment.resize_matrix(start, size, 101) @ img[0, ..., 0] @ augment.resize_matrix(x0, size, 101).T
+    np.testing.assert_allclose(mine, ref[0, ..., 0], atol=1e-5)
+
+
+def test_resize_matrix_hand_computed():
+    """n=3, the right half of the side (start 0.5, size 0.5): samples at 1.0, 1.5, 2.0."""
+    w = augment.resize_matrix(0.5, 0.5, 3)
+    np.testing.assert_allclose(w, [[0, 1, 0], [0, 0.5, 0.5], [0, 0, 1]])
+    np.testing.assert_allclose(augment.resize_matrix(0.0, 1.0, 4), np.eye(4))
+
+
+def _square_batch(n=16):
+    rng = np.random.default_rng(0)
+    x = rng.random((n, 101, 101, 1)).astype(np.float32) * 0.5
+    y = np.zeros((n, 101, 101, 1), np.float32)
+    y[:, 30:70, 10:40] = 1.0
+    x[y > 0] = 1.0  # the salt square is bright: its pixels must move with the mask
+    return x, y
+
+
+def test_numpy_augmentation_moves_image_and_mask_together():
+    x, y = _square_batch()
+    xa, ya = augment.augment_batch_numpy(x, y, np.random.default_rng(3), zoom=0.2, p_zoom=1.0, brightness=0.0)
+    assert xa.shape == x.shape and ya.shape == y.shape and xa.dtype == np.float32
+    assert set(np.unique(ya).tolist()) == {0.0, 1.0}
+    assert xa[ya > 0.5].mean() > 0.9 and xa[ya < 0.5].mean() < 0.6
+    assert not np.array_equal(ya, y)  # zoomed (p_zoom=1) and some flipped
+    np.testing.assert_array_equal(x, _square_batch()[0])  # inputs untouched
+
+
+def test_numpy_flip_only_and_brightness_range():
+    x, y = _square_batch(32)
+    xa, ya = augment.augment_batch_numpy(x, y, np.random.default_rng(0), flip=True, zoom=0.0, brightness=0.0)
+    flipped = [not np.array_equal(ya[k], y[k]) for k in range(32)]
+    assert 0 < sum(flipped) < 32
+    for k in range(32):
+        expect = (x[k, :, ::-1], y[k, :, ::-1]) if flipped[k] else (x[k], y[k])
+        np.testing.assert_array_equal(xa[k], expect[0])
+        np.testing.assert_array_equal(ya[k], expect[1])
+    xb, yb = augment.augment_batch_numpy(x, y, np.random.default_rng(0), flip=False, zoom=0.0, brightness=0.1)
+    np.testing.assert_array_equal(yb, y)
+    assert xb.min() >= 0.0 and xb.max() <= 1.0 and not np.allclose(xb, x)
+    mean_shift = np.abs(xb.mean(axis=(1, 2, 3)) - x.mean(axis=(1, 2, 3)))
+    assert mean_shift.max() <= 0.1 + 1e-5
+
+
+def _batches(x, y, seed, workers=1):
+    nb = augment._numpy_batches_class()(x, y, 4, True, seed, workers, flip=True, zoom=0.2, p_zoom=1.0,
+                                        brightness=0.1)
+    out = []
+    for _ in range(2):
+        out.append([nb[i] for i in range(len(nb))])
+        nb.on_epoch_end()
+    return nb, out
+
+
+def test_numpy_batches_are_seeded_per_epoch_and_batch():
+    x, y = _square_batch(10)
+    nb, a = _batches(x, y, 5)
+    _, b = _batches(x, y, 5)
+    _, c = _batches(x, y, 6)
+    assert len(nb) == 3 and [len(bx) for bx, _ in a[0]] == [4, 4, 2]
+    for ea, eb in zip(a, b):
+        for (xa, ya), (xb, yb) in zip(ea, eb):
+            np.testing.assert_array_equal(xa, xb)
+            np.testing.assert_array_equal(ya, yb)
+    flat = lambda e: np.concatenate([bx.ravel() for bx, _ in e])  # noqa: E731
+    assert not np.array_equal(flat(a[0]), flat(a[1])) and not np.array_equal(flat(a[0]), flat(c[0]))
+
+
+def test_make_dataset_is_numpy_pipeline_off_tensorflow(monkeypatch):
+    """Under a non-TensorFlow backend make_dataset returns the PyDataset; validation data keep
+    their order, unaugmented."""
+    import keras
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    x, y = _square_batch(10)
+    ds = augment.make_dataset(x, y[..., 0] > 0, 4, training=False)
+    assert isinstance(ds, keras.utils.PyDataset)
+    np.testing.assert_array_equal(np.concatenate([ds[i][0] for i in range(len(ds))]), x)
+    np.testing.assert_array_equal(np.concatenate([ds[i][1] for i in range(len(ds))]), y)
+
+
+@pytest.mark.slow
+def test_fit_on_numpy_batches_learns():
+    """keras fit on the PyDataset (here under TensorFlow): the loss falls on an easy task."""
+    import keras
+
+    from saltlib.train import build_model
+
+    x, y = _square_batch(16)
+    ds = augment._numpy_batches_class()(x, y, 8, True, 0, 2, flip=True, zoom=0.1, p_zoom=0.5, brightness=0.05)
+    keras.utils.set_random_seed(0)
+    model = build_model({"base_filters": 4, "depth": 2, "blocks_per_level": 1, "dropout": 0.0,
+                         "mixed_precision": False})
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    hist = model.fit(ds, epochs=6, verbose=0).history["loss"]
+    assert hist[-1] < 0.7 * hist[0], hist
+
+
+def test_gpu_cv_pack_round_trip(synthetic24, tmp_path):
+    """tools/gpu_cv.py: the packed training set loads back exactly (8-bit images, masks, depths),
+    and ``limit`` takes the first images."""
+    import importlib.util
+
+    from conftest import ROOT
+    from saltlib import data
+
+    spec = importlib.util.spec_from_file_location("gpu_cv", ROOT / "tools" / "gpu_cv.py")
+    gpu_cv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_cv)
+    gpu_cv.pack(tmp_path / "train.npz", synthetic24.root)
+    ds, back = data.load_train(synthetic24.root), gpu_cv.load_packed(tmp_path / "train.npz")
+    np.testing.assert_array_equal(back.ids, ds.ids)
+    np.testing.assert_array_equal(back.masks, ds.masks)
+    np.testing.assert_allclose(back.images, ds.images, atol=0.5 / 255 + 1e-6)
+    np.testing.assert_array_equal(back.depths, ds.depths)
+    assert len(gpu_cv.load_packed(tmp_path / "train.npz", limit=5)) == 5

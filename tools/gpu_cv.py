@@ -1,0 +1,233 @@
+"""Cross-validated training of several folds at once on one GPU machine with no TensorFlow.
+
+The project trains on CPU with TensorFlow (``salt train`` / ``salt run``). Where a GPU machine is
+lent for a few minutes and has JAX but not TensorFlow, this script trains the same recipe
+(``saltlib.train.train_fold``, Keras on the JAX backend, the numpy input pipeline) for several
+folds in parallel processes on the one GPU, sized to a wall-clock budget, and brings the weights
+back small enough to copy. Three steps::
+
+    # here (CPU): the training set as one compressed file
+    python tools/gpu_cv.py pack --out .devdata/train.npz
+    # on the GPU machine: probe the speed, then train every job to fit the budget
+    KERAS_BACKEND=jax python tools/gpu_cv.py train --data .devdata/train.npz \\
+        --params params/gpu.yaml --jobs 0:42 1:42 2:42 3:42 4:42 0:7 --budget 540 --out $OUT
+    # here: rebuild .keras models, score each on its held-out fold (TensorFlow, CPU)
+    python tools/gpu_cv.py unpack --data-dir ../shared/data/tgs-salt --params params/gpu.yaml \\
+        --weights DIR --out work_runs/gpu
+
+A job ``FOLD:SEED`` trains fold ``FOLD`` of the split made with the parameter file's ``seed``,
+initialised and shuffled with ``SEED`` (so ``0:7`` is a second model of fold 0, for measuring
+what an ensemble adds). The fold split never depends on the job seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# --------------------------------------------------------------------------- data
+def pack(out, data_dir=None) -> None:
+    """Write the training set (ids, uint8 images, bit-packed masks, depths) to ``out``."""
+    from saltlib import data
+
+    ds = data.load_train(data_dir)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        out, ids=ds.ids, images=np.round(ds.images[..., 0] * 255).astype(np.uint8),
+        masks=np.packbits(ds.masks, axis=-1), depths=ds.depths, root=str(ds.root),
+    )
+    print(f"packed {len(ds)} images from {ds.root} into {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+
+
+def load_packed(path, limit: int = 0):
+    """The :class:`saltlib.data.SaltDataset` stored by :func:`pack` (its first ``limit`` images
+    when ``limit`` > 0, for trying the script out)."""
+    from saltlib import data
+
+    z = np.load(path)
+    n = limit or len(z["ids"])
+    masks = np.unpackbits(z["masks"][:n], axis=-1, count=data.IMAGE_SIZE).astype(bool)
+    return data.SaltDataset(
+        ids=z["ids"][:n], images=(z["images"][:n].astype(np.float32) / 255.0)[..., None],
+        masks=masks, depths=z["depths"][:n],
+    )
+
+
+# --------------------------------------------------------------------------- GPU side
+def _config(params_path, seed, epochs=None):
+    from saltlib import params, train
+
+    cfg = params.load(params_path)
+    tcfg = {k: cfg[k] for k in train.DEFAULTS if k in cfg}
+    split_seed = tcfg["seed"]
+    tcfg["seed"] = seed
+    if epochs is not None:
+        tcfg["stages"] = [dict(st, epochs=e) for st, e in zip(tcfg["stages"], epochs) if e > 0]
+    return cfg, tcfg, split_seed
+
+
+def worker(args) -> None:
+    """Train one job (one process)."""
+    from saltlib import data, train
+
+    epochs = [int(e) for e in args.epochs.split(",")] if args.epochs else None
+    cfg, tcfg, split_seed = _config(args.params, args.seed, epochs)
+    ds = load_packed(args.data, args.limit)
+    folds = data.kfold(ds, cfg["n_folds"], split_seed)
+    train.train_fold(ds, folds, args.fold, tcfg, Path(args.out), verbose=2)
+
+
+def _launch(args, jobs, epochs, out_root):
+    procs = []
+    for fold, seed in jobs:
+        out = out_root / f"s{seed}"
+        out.mkdir(parents=True, exist_ok=True)
+        log = open(out_root / f"f{fold}s{seed}.log", "w")
+        cmd = [sys.executable, __file__, "worker", "--data", args.data, "--params", args.params,
+               "--fold", str(fold), "--seed", str(seed), "--out", str(out), "--epochs", epochs,
+               "--limit", str(args.limit)]
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+    codes = [p.wait() for p, _ in procs]
+    for _, log in procs:
+        log.close()
+    return codes
+
+
+def _epoch_seconds(out_root, jobs) -> float:
+    """Slowest job's mean seconds per epoch, leaving out the first two (compiling the training
+    and the validation steps)."""
+    import pandas as pd
+
+    worst = 0.0
+    for fold, seed in jobs:
+        h = pd.read_csv(out_root / f"s{seed}" / f"fold{fold}" / "history.csv")
+        worst = max(worst, float(np.diff(h["time"].to_numpy())[1:].mean()))
+    return worst
+
+
+def train_jobs(args) -> None:
+    """Probe the speed with every job running at once, then train them all to fit the budget."""
+    t0 = time.time()
+    jobs = [tuple(int(v) for v in j.split(":")) for j in args.jobs]
+    work = Path(args.work)
+    _, tcfg, _ = _config(args.params, 0)
+    planned = [st["epochs"] for st in tcfg["stages"]]
+    codes = _launch(args, jobs, f"{args.probe_epochs}", work / "probe")
+    if any(codes):
+        os.system(f"tail -n 40 {work / 'probe'}/*.log")
+        raise SystemExit(f"probe failed: exit codes {codes}")
+    per_epoch = _epoch_seconds(work / "probe", jobs)
+    probe_s = time.time() - t0
+    left = args.budget - probe_s - args.overhead
+    fit = int(left // per_epoch)
+    scale = min(1.0, fit / sum(planned))
+    epochs = [max(1, int(e * scale)) for e in planned]
+    plan = {"per_epoch_s": per_epoch, "probe_s": probe_s, "planned": planned, "epochs": epochs,
+            "jobs": args.jobs}
+    print("plan:", json.dumps(plan), flush=True)
+    codes = _launch(args, jobs, ",".join(map(str, epochs)), work / "run")
+    plan["train_s"] = time.time() - t0 - probe_s
+    plan["exit_codes"] = codes
+    print("done:", json.dumps(plan), flush=True)
+    export(work / "run", jobs, Path(args.out), plan)
+
+
+def export(run_root, jobs, out, plan) -> None:
+    """Weights as float16 conv kernels (+ float32 rest) per job, and the logs, into ``out``."""
+    import keras
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
+        for p in sorted(run_root.rglob("*")):
+            if p.suffix in (".csv", ".json", ".log"):
+                tar.add(p, arcname=str(p.relative_to(run_root)))
+        (run_root / "plan.json").write_text(json.dumps(plan, indent=1))
+        tar.add(run_root / "plan.json", arcname="plan.json")
+    for fold, seed in jobs:
+        path = run_root / f"s{seed}" / f"fold{fold}" / "model.keras"
+        if not path.exists():
+            print(f"no model for job {fold}:{seed}")
+            continue
+        weights = keras.saving.load_model(path, compile=False).get_weights()
+        arrays = {f"w{i:03d}": (w.astype(np.float16) if w.ndim == 4 else w) for i, w in enumerate(weights)}
+        np.savez_compressed(out / f"f{fold}s{seed}.npz", **arrays)
+
+
+# --------------------------------------------------------------------------- back here
+def unpack(args) -> None:
+    """Rebuild each job's ``.keras`` model and score it on its held-out fold (flip TTA too)."""
+    from saltlib import data, metric, train
+
+    cfg, tcfg, split_seed = _config(args.params, 0)
+    ds = data.load_train(args.data_dir)
+    folds = data.kfold(ds, cfg["n_folds"], split_seed)
+    out = Path(args.out)
+    rows = []
+    for npz in sorted(Path(args.weights).glob("f*s*.npz")):
+        fold, seed = (int(v) for v in npz.stem[1:].split("s"))
+        z = np.load(npz)
+        model = train.build_model(tcfg)
+        model.set_weights([z[k].astype(np.float32) if z[k].dtype == np.float16 else z[k] for k in sorted(z.files)])
+        dest = out / f"s{seed}" / f"fold{fold}"
+        dest.mkdir(parents=True, exist_ok=True)
+        train.save_model(model, tcfg, dest / "model.keras")
+        val = np.flatnonzero(folds == fold)
+        logits = train.predict_logits(model, ds.images[val])
+        logits_tta = train.predict_logits(model, ds.images[val], tta=True)
+        np.savez_compressed(dest / "oof.npz", ids=ds.ids[val], logits=logits.astype(np.float16),
+                            logits_tta=logits_tta.astype(np.float16))
+        row = {"fold": fold, "seed": seed, "n_val": len(val),
+               "val_score": metric.competition_score(ds.masks[val], logits > 0),
+               "val_score_tta": metric.competition_score(ds.masks[val], logits_tta > 0)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    (out / "scores.json").write_text(json.dumps(rows, indent=1))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pack")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data-dir", default=None)
+    p = sub.add_parser("worker")
+    for a in ("--data", "--params", "--out"):
+        p.add_argument(a, required=True)
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--epochs", help="comma-separated epochs per stage (default: the file's)")
+    p.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
+    p = sub.add_parser("train")
+    for a in ("--data", "--params", "--out"):
+        p.add_argument(a, required=True)
+    p.add_argument("--jobs", nargs="+", required=True, help="FOLD:SEED ...")
+    p.add_argument("--budget", type=float, default=540, help="seconds for probe + training + export")
+    p.add_argument("--overhead", type=float, default=90,
+                   help="seconds kept for start-up, compiling, the final predictions and export")
+    p.add_argument("--probe-epochs", type=int, default=4, help="epochs of the speed probe (>= 3)")
+    p.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--work", default="/tmp/gpu_cv")
+    p = sub.add_parser("unpack")
+    for a in ("--params", "--weights", "--out"):
+        p.add_argument(a, required=True)
+    p.add_argument("--data-dir", default=None)
+    args = ap.parse_args(argv)
+    {"pack": lambda: pack(args.out, args.data_dir), "worker": lambda: worker(args), "train": lambda: train_jobs(args),
+     "unpack": lambda: unpack(args)}[args.cmd]()
+
+
+if __name__ == "__main__":
+    main()
