@@ -53,3 +53,8 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def read_json(path):
+    """The JSON value stored in ``path``."""
+    return json.loads(Path(path).read_text())

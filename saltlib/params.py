@@ -123,6 +123,7 @@ SPEC: dict[str, Param] = {
     "batch_size": Param(int, 32, "images per step (per replica)", _range(1, 4096)),
     "stages": Param(list, [{"loss": "bce", "epochs": 30, "lr": 0.003}, {"loss": "lovasz", "epochs": 30, "lr": 0.001}],
                     "training stages: loss name, epochs and peak learning rate (cosine decay)", _stages),
+    "snapshots": Param(list, [], "earlier stages whose final weights join the fold's ensemble (snapshot ensemble)", _int_list(1, 20)),
     "min_lr": Param(float, 1e-5, "learning rate at the end of each stage's cosine decay", _range(0.0, lo_open=True)),
     "flip": Param(bool, True, "random left-right flips"),
     "zoom": Param(float, 0.1, "largest zoom-in crop fraction (scale + shift augmentation)", _range(0.0, 0.5)),

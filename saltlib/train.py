@@ -12,7 +12,9 @@ Files in a fold folder ``OUT/fold<k>/``::
     backup<i>/            the in-progress stage's checkpoint (BackupAndRestore, written atomically)
     history.csv           one row per epoch: stage, loss, learning rate, val_score
     model.keras           the final model for inference (bfloat16 weights if mixed precision)
-    oof.npz               out-of-fold ids, logits and flipped-TTA logits (float16)
+    snapshot<i>.keras     stage i's final weights, for each stage listed in ``snapshots``
+    oof.npz               out-of-fold ids, logits and flipped-TTA logits (float16) of the fold's
+                          ensemble: the mean over model.keras and the snapshots
     done.json             marks the fold finished, with its scores and timings
 """
 
@@ -30,7 +32,7 @@ from . import io, metric, params
 
 TRAIN_KEYS = (
     "seed", "n_folds", "base_filters", "depth", "blocks_per_level", "dropout", "mixed_precision",
-    "batch_size", "stages", "min_lr", "flip", "zoom", "p_zoom", "brightness", "val_every", "strategy",
+    "batch_size", "stages", "snapshots", "min_lr", "flip", "zoom", "p_zoom", "brightness", "val_every", "strategy",
 )
 #: training configuration defaults, taken from the parameter specification
 DEFAULTS = {k: v for k, v in params.defaults().items() if k in TRAIN_KEYS}
@@ -169,7 +171,8 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
         out_dir: the run's model folder; this fold writes ``out_dir/fold<fold>/``.
         verbose: Keras ``fit`` verbosity (2 = one line per epoch, good for logs).
     Returns:
-        dict with ``fold``, ``val_score`` (final model, logit 0, no TTA), ``val_score_tta``,
+        dict with ``fold``, ``val_score`` (the fold's ensemble, logit 0, no TTA), ``val_score_tta``,
+        ``models`` (the ensemble's files), ``member_scores_tta`` (each file alone, with TTA),
         ``epochs``, ``seconds`` (training time, summed over resumed sessions) and file paths.
     Raises:
         TrainingError: on a NaN loss.
@@ -179,6 +182,12 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
     from . import augment, distribute, losses
 
     cfg = {**DEFAULTS, **cfg}
+    bad = [s for s in cfg["snapshots"] if not 1 <= s < len(cfg["stages"])]
+    if bad:
+        raise ValueError(
+            f"snapshots: stage(s) {bad} are not earlier stages of the {len(cfg['stages'])} in 'stages' "
+            f"(the last stage is always in the ensemble as model.keras)"
+        )
     fold_dir = Path(out_dir) / f"fold{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     done_path = fold_dir / "done.json"
@@ -252,11 +261,19 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
             model.save_weights(tmp)
         shutil.rmtree(fold_dir / f"backup{s}", ignore_errors=True)
 
-    # out-of-fold logits from the saved model itself, so they are exactly what a bundle predicts
+    # the fold's ensemble: the final model and any snapshots, saved for inference; out-of-fold
+    # logits come from the saved files, so they are exactly what a bundle predicts
+    members = ["model.keras"] + [f"snapshot{s}.keras" for s in sorted(set(cfg["snapshots"]))]
     save_model(model, cfg, fold_dir / "model.keras")
-    model = keras.saving.load_model(fold_dir / "model.keras", compile=False)
-    logits = predict_logits(model, x_va)
-    logits_tta = predict_logits(model, x_va, tta=True)
+    for s in sorted(set(cfg["snapshots"])):
+        model.load_weights(fold_dir / f"stage{s}.weights.h5")
+        save_model(model, cfg, fold_dir / f"snapshot{s}.keras")
+    member_scores, logits, logits_tta = {}, 0.0, 0.0
+    for name in members:
+        member = keras.saving.load_model(fold_dir / name, compile=False)
+        one, one_tta = predict_logits(member, x_va), predict_logits(member, x_va, tta=True)
+        member_scores[name] = metric.competition_score(y_va, one_tta > 0)
+        logits, logits_tta = logits + one / len(members), logits_tta + one_tta / len(members)
     with io.atomic_path(fold_dir / "oof.npz") as tmp:
         np.savez_compressed(
             tmp, ids=dataset.ids[val_idx], logits=logits.astype(np.float16),
@@ -268,6 +285,8 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
         "n_val": int(len(val_idx)),
         "val_score": metric.competition_score(y_va, logits > 0),
         "val_score_tta": metric.competition_score(y_va, logits_tta > 0),
+        "models": members,
+        "member_scores_tta": member_scores,
         "epochs": int(sum(st["epochs"] for st in cfg["stages"])),
         "seconds": round(seconds, 1),
         "train_images_per_s": round(

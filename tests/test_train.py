@@ -103,6 +103,40 @@ def test_saved_model_reproduces_oof_logits(trained, dataset):
     np.testing.assert_allclose(tta, oof["logits_tta"].astype(np.float32), atol=0.02, rtol=0.002)
 
 
+def test_snapshot_ensemble_from_finished_stages(trained, dataset, tmp_path):
+    """``snapshots: [1]``: stage 1's weights join the fold's ensemble. Re-finishing a fold whose
+    stages are all trained (done.json and models removed) trains nothing; the OOF logits are the
+    mean of the two saved members' logits."""
+    import shutil
+
+    fold_dir, summary, _ = trained
+    ds, folds = dataset
+    work = tmp_path / "models"
+    shutil.copytree(fold_dir, work / "fold1")
+    for name in ("done.json", "model.keras", "oof.npz"):
+        (work / "fold1" / name).unlink()
+    rows_before = len(pd.read_csv(work / "fold1" / "history.csv"))
+    out = train.train_fold(ds, folds, 1, {**TINY, "snapshots": [1]}, work, verbose=0)
+    assert len(pd.read_csv(work / "fold1" / "history.csv")) == rows_before  # nothing retrained
+    assert out["models"] == ["model.keras", "snapshot1.keras"]
+    assert set(out["member_scores_tta"]) == set(out["models"])
+    assert out["seconds"] == pytest.approx(summary["seconds"], abs=0.2)
+    x = ds.images[folds == 1]
+    members = [keras.saving.load_model(work / "fold1" / m, compile=False) for m in out["models"]]
+    mean = np.mean([train.predict_logits(m, x) for m in members], axis=0)
+    oof = np.load(work / "fold1" / "oof.npz")
+    np.testing.assert_allclose(oof["logits"].astype(np.float32), mean, atol=0.02, rtol=0.002)
+    assert not np.allclose(train.predict_logits(members[0], x), train.predict_logits(members[1], x), atol=1e-3)
+
+
+@pytest.mark.parametrize("snapshots", [[2], [0], [3, 1]])
+def test_snapshots_must_be_earlier_stages(dataset, tmp_path, snapshots):
+    ds, folds = dataset
+    with pytest.raises(ValueError, match=r"snapshots: stage\(s\) \["):
+        train.train_fold(ds, folds, 1, {**TINY, "snapshots": snapshots}, tmp_path, verbose=0)
+    assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
 def test_finished_fold_is_skipped(trained, dataset, capsys):
     fold_dir, summary, first_seconds = trained
     ds, folds = dataset
