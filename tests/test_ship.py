@@ -93,3 +93,28 @@ def test_notebooks_on_folds_trained_by_salt_train(smoke_ok, tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert proc.returncode != 0 and "no run to resume" in proc.stderr
+
+
+SHIPPED = sorted(p for p in (ROOT / "models").iterdir() if (p / "bundle.json").is_file())
+
+
+@pytest.mark.parametrize("bundle_dir", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_bundles_are_complete(bundle_dir):
+    """Every committed bundle: files match their sha256, models together under 25 MB, a model card
+    and the recipe beside them, and the models predict 101x101 masks."""
+    import hashlib
+
+    spec = predict.read_bundle_spec(bundle_dir)
+    total = 0
+    for name in spec["models"]:
+        data = (bundle_dir / name).read_bytes()
+        total += len(data)
+        assert hashlib.sha256(data).hexdigest() == spec["sha256"][name], name
+    assert total < 25e6, f"{bundle_dir.name}: models total {total / 1e6:.1f} MB"
+    card = (bundle_dir / "MODEL_CARD.md").read_text()
+    assert "CV score" in card and "## Reproduce" in card
+    assert (bundle_dir / "params.yaml").is_file() and (bundle_dir / "metrics.json").is_file()
+    bundle = predict.load_bundle(bundle_dir)
+    x = np.random.default_rng(0).random((3, 101, 101, 1)).astype(np.float32)
+    masks = bundle.predict_masks(x)
+    assert masks.shape == (3, 101, 101) and masks.dtype == bool
