@@ -96,6 +96,21 @@ def _time_reading(n: int) -> dict | None:
     return {"images": len(paths), "s_per_image": (time.perf_counter() - t) / len(paths), "folder": str(folder)}
 
 
+def _training_twin(model):
+    """A ``mixed_bfloat16`` model of the same shape as a bundle model (read from its layer names)."""
+    from saltlib.model import build_resnet_unet
+
+    names = [l.name for l in model.layers]
+    drops = [l for l in model.layers if l.name == "enc2_drop"]
+    return build_resnet_unet(
+        base_filters=model.get_layer("enc1_conv").filters,
+        depth=sum(n.endswith("_pool") for n in names),
+        blocks_per_level=sum(n.startswith("enc1_res") and n.endswith("_conv1") for n in names),
+        dropout=drops[0].rate if drops else 0.0,
+        dtype_policy="mixed_bfloat16",
+    )
+
+
 def worker(spec: dict) -> dict:
     """Measure one configuration; see the module docstring. Returns a JSON-able dict."""
     t_start = time.perf_counter()
@@ -140,6 +155,8 @@ def worker(spec: dict) -> dict:
     # training: one model of this shape, batch `batch_size`, timed after warm-up steps
     bs, warm, steps = spec["batch_size"], spec["warmup_steps"], spec["train_steps"]
     model = models[0]
+    if res["dtype"] == "bfloat16":  # stored for inference in bfloat16; trained as mixed_bfloat16
+        model = _training_twin(model)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=losses.get_loss("bce+lovasz"), jit_compile=False)
     xs, ys = _synthetic(bs * 4, seed=2)
     batches = [(xs[i * bs:(i + 1) * bs], ys[i * bs:(i + 1) * bs]) for i in range(4)]
