@@ -169,6 +169,8 @@ def export(run_root, jobs, out, plan) -> None:
 # --------------------------------------------------------------------------- back here
 def unpack(args) -> None:
     """Rebuild each job's ``.keras`` model and score it on its held-out fold (flip TTA too)."""
+    import keras
+
     from saltlib import data, metric, train
 
     cfg, tcfg, split_seed = _config(args.params, 0)
@@ -184,6 +186,7 @@ def unpack(args) -> None:
         dest = out / f"s{seed}" / f"fold{fold}"
         dest.mkdir(parents=True, exist_ok=True)
         train.save_model(model, tcfg, dest / "model.keras")
+        model = keras.saving.load_model(dest / "model.keras", compile=False)  # score what is saved
         val = np.flatnonzero(folds == fold)
         logits = train.predict_logits(model, ds.images[val])
         logits_tta = train.predict_logits(model, ds.images[val], tta=True)
