@@ -263,9 +263,10 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
 
     # the fold's ensemble: the final model and any snapshots, saved for inference; out-of-fold
     # logits come from the saved files, so they are exactly what a bundle predicts
-    members = ["model.keras"] + [f"snapshot{s}.keras" for s in sorted(set(cfg["snapshots"]))]
+    snapshots = sorted(set(cfg["snapshots"]))
+    members = ["model.keras"] + [f"snapshot{s}.keras" for s in snapshots]
     save_model(model, cfg, fold_dir / "model.keras")
-    for s in sorted(set(cfg["snapshots"])):
+    for s in snapshots:
         model.load_weights(fold_dir / f"stage{s}.weights.h5")
         save_model(model, cfg, fold_dir / f"snapshot{s}.keras")
     member_scores, logits, logits_tta = {}, 0.0, 0.0

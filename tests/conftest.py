@@ -162,6 +162,18 @@ def real_data() -> Path:
     return path
 
 
+def assert_seeded_epochs(a, b, c) -> None:
+    """Batches of two epochs each from an input pipeline, as ``[[(x, y), ...], [...]]``: ``a`` and
+    ``b`` used the same seed and must be identical, ``c`` another seed; the two epochs of ``a``
+    must differ from each other and from ``c``'s first."""
+    for ea, eb in zip(a, b, strict=True):
+        for (xa, ya), (xb, yb) in zip(ea, eb, strict=True):
+            np.testing.assert_array_equal(xa, xb)
+            np.testing.assert_array_equal(ya, yb)
+    flat = lambda e: np.concatenate([x.ravel() for x, _ in e])  # noqa: E731
+    assert not np.array_equal(flat(a[0]), flat(a[1])) and not np.array_equal(flat(a[0]), flat(c[0]))
+
+
 def tree_hashes(root) -> dict:
     """sha256 of every file under ``root`` (relative path -> digest), to check nothing changed."""
     root = Path(root)

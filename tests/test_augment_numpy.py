@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import assert_seeded_epochs
 from saltlib import augment
 
 
@@ -80,12 +81,7 @@ def test_numpy_batches_are_seeded_per_epoch_and_batch():
     _, b = _batches(x, y, 5)
     _, c = _batches(x, y, 6)
     assert len(nb) == 3 and [len(bx) for bx, _ in a[0]] == [4, 4, 2]
-    for ea, eb in zip(a, b):
-        for (xa, ya), (xb, yb) in zip(ea, eb):
-            np.testing.assert_array_equal(xa, xb)
-            np.testing.assert_array_equal(ya, yb)
-    flat = lambda e: np.concatenate([bx.ravel() for bx, _ in e])  # noqa: E731
-    assert not np.array_equal(flat(a[0]), flat(a[1])) and not np.array_equal(flat(a[0]), flat(c[0]))
+    assert_seeded_epochs(a, b, c)
 
 
 def test_make_dataset_is_numpy_pipeline_off_tensorflow(monkeypatch):

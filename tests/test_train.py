@@ -18,7 +18,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from conftest import ROOT, subprocess_env  # noqa: E402
+from conftest import ROOT, assert_seeded_epochs, subprocess_env  # noqa: E402
 from saltlib import data, metric, train  # noqa: E402
 from saltlib.train import TrainingError  # noqa: E402
 
@@ -186,12 +186,7 @@ def test_augmentation_is_seeded_per_batch():
         return [[(a.numpy(), b.numpy()) for a, b in ds] for _ in range(n)]
 
     a, b, c = epochs(5), epochs(5), epochs(6)
-    for ea, eb in zip(a, b):
-        for (xa, ya), (xb, yb) in zip(ea, eb):
-            np.testing.assert_array_equal(xa, xb)
-            np.testing.assert_array_equal(ya, yb)
-    flat = lambda e: np.concatenate([xb.ravel() for xb, _ in e])  # noqa: E731
-    assert not np.array_equal(flat(a[0]), flat(a[1])) and not np.array_equal(flat(a[0]), flat(c[0]))
+    assert_seeded_epochs(a, b, c)
     for xb, yb in a[0] + a[1]:
         assert xb.shape[1:] == (101, 101, 1) and yb.shape == xb.shape
         assert set(np.unique(yb).tolist()) <= {0.0, 1.0}
