@@ -12,7 +12,7 @@ import json
 import platform
 from pathlib import Path
 
-from . import io, predict
+from . import io, predict, train
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,6 +21,30 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: is this a finished run folder?")
     return json.loads(path.read_text())
+
+
+def _describe(diff: dict) -> str:
+    """``{key: value}`` as card text; stages spelled out."""
+    parts = []
+    for k, v in diff.items():
+        if k == "stages":
+            v = "; ".join(f"{s['loss']} for {s['epochs']} epochs from lr {s['lr']:g}" for s in v)
+        parts.append(f"{k} {v}")
+    return ", ".join(parts)
+
+
+def _train_commands(name: str, folds: list, fold_diff: dict) -> list:
+    """The ``salt train`` lines that reproduce the folds: one for the folds that follow
+    ``params.yaml``, and one per fold whose recipe differs (``--set`` with its recorded values)."""
+    out = f"--out papermill_runs/{name}/models"
+    same = [f for f in folds if f not in fold_diff]
+    lines = []
+    if same:
+        lines.append(f".venv/bin/salt train models/{name}/params.yaml --folds {','.join(map(str, same))} {out}   # resumable")
+    for f, diff in sorted(fold_diff.items()):
+        sets = " ".join(f"--set '{k}={json.dumps(v)}'" for k, v in diff.items())
+        lines.append(f".venv/bin/salt train models/{name}/params.yaml --folds {f} {out} {sets}")
+    return lines
 
 
 def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
@@ -39,6 +63,14 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
     p = info.get("params") or {}
     folds = sorted((run_dir / "models").glob("fold*/done.json"))
     fold_rows = [json.loads(f.read_text()) for f in folds]
+    # folds trained with another recipe than the run's parameter file (a finished fold reused)
+    fold_diff = {}
+    for f, r in zip(folds, fold_rows):
+        recipe_path = f.parent / "recipe.json"
+        if recipe_path.exists():
+            diff = train.recipe_diff(io.read_json(recipe_path), p)
+            if diff:
+                fold_diff[r["fold"]] = {k: a for k, (a, _) in diff.items()}
     train_s = sum(r.get("seconds", 0) for r in fold_rows)
     cpu = info.get("host", {}).get("cpus")
     lines = [
@@ -93,6 +125,8 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
             f"- fold {r['fold']}: {r['n_train']} training images, {r['epochs']} epochs in "
             f"{r['seconds'] / 3600:.2f} h ({r.get('train_images_per_s', float('nan')):.1f} images/s, "
             f"validation included)"
+            + (f"; **its recipe differs from `params.yaml`**: {_describe(fold_diff[r['fold']])}"
+               if r["fold"] in fold_diff else "")
         )
     lines += [
         f"- Hardware: {cpu} CPU cores ({platform.processor() or platform.machine()}), no GPU; "
@@ -104,7 +138,7 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         "",
         "```bash",
         f"make setup",
-        f".venv/bin/salt train models/{name}/params.yaml --out papermill_runs/{name}/models   # resumable",
+        *_train_commands(name, [r["fold"] for r in fold_rows], fold_diff),
         f".venv/bin/salt run models/{name}/params.yaml --name {name} --resume               # notebooks 01-04",
         f".venv/bin/salt ship papermill_runs/{name} --name {name}",
         "```",

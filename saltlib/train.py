@@ -36,6 +36,27 @@ TRAIN_KEYS = (
 )
 #: training configuration defaults, taken from the parameter specification
 DEFAULTS = {k: v for k, v in params.defaults().items() if k in TRAIN_KEYS}
+#: keys that do not change the trained weights, left out of a fold's recorded recipe
+#: (``snapshots`` only picks which finished stages join the ensemble)
+NOT_RECIPE = ("val_every", "strategy", "snapshots")
+
+
+def recipe(cfg: dict) -> dict:
+    """The part of a training configuration that decides a fold's weights (``recipe.json``).
+
+    Args:
+        cfg: training configuration; missing keys take :data:`DEFAULTS`.
+    Returns:
+        dict of the :data:`TRAIN_KEYS` less :data:`NOT_RECIPE`, JSON-normalised (tuples as lists).
+    """
+    cfg = {**DEFAULTS, **cfg}
+    return json.loads(json.dumps({k: cfg[k] for k in TRAIN_KEYS if k not in NOT_RECIPE}))
+
+
+def recipe_diff(recorded: dict, cfg: dict) -> dict:
+    """Keys whose recorded value differs from ``cfg``'s, as ``{key: (recorded, cfg)}``."""
+    now = recipe(cfg)
+    return {k: (recorded.get(k), now[k]) for k in now if recorded.get(k) != now[k]}
 
 
 class TrainingError(RuntimeError):
@@ -190,11 +211,30 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
         )
     fold_dir = Path(out_dir) / f"fold{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
-    done_path = fold_dir / "done.json"
+    done_path, recipe_path = fold_dir / "done.json", fold_dir / "recipe.json"
+    # a fold records its recipe when it starts; a different recipe may reuse a finished fold
+    # (said aloud, and the model card lists each fold's recipe) but never resumes a half-trained one
+    diff = recipe_diff(io.read_json(recipe_path), cfg) if recipe_path.exists() else {}
     if done_path.exists():
         summary = json.loads(done_path.read_text())
         print(f"fold {fold}: already trained (val_score {summary['val_score']:.4f}), skipping")
+        if diff:
+            print(f"fold {fold}: NOTE it was trained with a different recipe ({recipe_path}): "
+                  + "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in diff.items()))
         return summary
+    recorded_stages = io.read_json(recipe_path)["stages"] if diff else []
+    extends = (  # more stages after finished ones (a warm restart added later) is a clean resume
+        set(diff) == {"stages"} and recipe(cfg)["stages"][: len(recorded_stages)] == recorded_stages
+        and all((fold_dir / f"stage{s}.weights.h5").exists() for s in range(1, len(recorded_stages) + 1))
+    )
+    if diff and not extends:
+        raise ValueError(
+            f"fold {fold} in {fold_dir} was started with a different recipe ({recipe_path}); resuming it would "
+            "mix two recipes: " + "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            + ". Use another --out folder, or the recorded values."
+        )
+    if extends or not recipe_path.exists():
+        io.write_json(recipe_path, recipe(cfg))
 
     train_idx, val_idx = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
     x_tr, y_tr = dataset.images[train_idx], dataset.masks[train_idx]

@@ -6,7 +6,6 @@ tests marked ``realdata``, which read ../shared/data/tgs-salt when it exists.
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 
@@ -473,10 +472,7 @@ def test_kfold_too_few_images():
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_real_training_set(real_data):
-    start_cpu, start = time.process_time(), time.time()
-    ds = data.load_train(real_data)
-    cpu, wall = time.process_time() - start_cpu, time.time() - start
-    print(f"loaded {len(ds)} real images, masks checked against train.csv: {wall:.1f} s wall, {cpu:.1f} s CPU")
+    ds = data.load_train(real_data)  # its speed (target: under 10 s) is benchmarks/bench_data.py's
     assert len(ds) == 3400 and len(set(ds.ids.tolist())) == 3400
     empty = float((ds.coverage == 0).mean())
     assert 0.37 < empty < 0.41, empty
@@ -489,7 +485,6 @@ def test_real_training_set(real_data):
     for c in range(11):
         counts = np.bincount(folds[ds.coverage_class == c], minlength=5)
         assert counts.max() - counts.min() <= 1
-    assert cpu < 10, "the issue's budget: loading the 3,400 images in under 10 s"
 
 
 @pytest.mark.realdata

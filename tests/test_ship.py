@@ -48,6 +48,33 @@ def test_ship_copies_bundle_and_writes_card(smoke_ok, tmp_path):
     np.testing.assert_array_equal(shipped.predict_logits(x), original.predict_logits(x))
 
 
+def test_card_names_a_fold_trained_with_another_recipe(smoke_ok, tmp_path):
+    """A finished fold reused under another parameter file: the card says so, and its reproduce
+    line carries the fold's recorded values as ``--set`` overrides that the parameter loader reads
+    back to that recipe."""
+    import re
+    import shlex
+
+    from saltlib import params, train
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_ok.run_dir, run)
+    recipe_path = run / "models" / "fold0" / "recipe.json"
+    recorded = json.loads(recipe_path.read_text())
+    assert recorded == train.recipe(json.loads((run / "run.json").read_text())["params"])  # smoke: same
+    other = {**recorded, "dropout": 0.45, "stages": [{"loss": "bce", "epochs": 3, "lr": 0.002}]}
+    recipe_path.write_text(json.dumps(other))
+    card = (ship.ship(run, "mixed", models_dir=tmp_path / "models") / "MODEL_CARD.md").read_text()
+    assert "its recipe differs from `params.yaml`" in card and "dropout 0.45" in card
+    assert "stages bce for 3 epochs from lr 0.002" in card
+    line = next(l for l in card.splitlines() if "salt train" in l and "--folds 0" in l)
+    assert "--set" in line
+    args = shlex.split(line.split("#")[0])
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    assert train.recipe(params.load(run / "params.yaml", overrides=overrides)) == other
+    assert not re.search(r"salt train \S+ --folds 0 --out \S+\s+# resumable", card)  # no plain line for fold 0
+
+
 def test_ship_never_overwrites(smoke_ok, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")

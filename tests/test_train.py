@@ -53,18 +53,21 @@ def dataset(synthetic24):
 def trained(dataset, tmp_path_factory):
     ds, folds = dataset
     out = tmp_path_factory.mktemp("run") / "models"
-    start = time.time()
     summary = train.train_fold(ds, folds, 1, TINY, out, verbose=0)
-    return out / "fold1", summary, time.time() - start
+    return out / "fold1", summary
 
 
 def test_fold_outputs(trained, dataset):
-    fold_dir, summary, _ = trained
+    fold_dir, summary = trained
     ds, folds = dataset
     names = sorted(p.name for p in fold_dir.iterdir())
     assert names == sorted(
-        ["done.json", "history.csv", "model.keras", "oof.npz", "stage1.weights.h5", "stage2.weights.h5", "timing.json"]
+        ["done.json", "history.csv", "model.keras", "oof.npz", "recipe.json", "stage1.weights.h5",
+         "stage2.weights.h5", "timing.json"]
     ), names  # the BackupAndRestore folders are gone and no temporary file is left
+    recorded = json.loads((fold_dir / "recipe.json").read_text())
+    assert recorded == train.recipe(TINY) and recorded["stages"] == TINY["stages"]
+    assert "val_every" not in recorded and "snapshots" not in recorded and recorded["base_filters"] == 4
     done = json.loads((fold_dir / "done.json").read_text())
     assert done == summary
     val = folds == 1
@@ -87,7 +90,7 @@ def test_fold_outputs(trained, dataset):
 
 
 def test_saved_model_reproduces_oof_logits(trained, dataset):
-    fold_dir, _, _ = trained
+    fold_dir, _ = trained
     ds, folds = dataset
     model = keras.saving.load_model(fold_dir / "model.keras", compile=False, safe_mode=True)
     x = ds.images[folds == 1]
@@ -109,7 +112,7 @@ def test_snapshot_ensemble_from_finished_stages(trained, dataset, tmp_path):
     mean of the two saved members' logits."""
     import shutil
 
-    fold_dir, summary, _ = trained
+    fold_dir, summary = trained
     ds, folds = dataset
     work = tmp_path / "models"
     shutil.copytree(fold_dir, work / "fold1")
@@ -138,22 +141,80 @@ def test_snapshots_must_be_earlier_stages(dataset, tmp_path, snapshots):
 
 
 def test_finished_fold_is_skipped(trained, dataset, capsys):
-    fold_dir, summary, first_seconds = trained
+    fold_dir, summary = trained
     ds, folds = dataset
     before = {p.name: p.stat().st_mtime_ns for p in fold_dir.iterdir()}
-    start = time.time()
     again = train.train_fold(ds, folds, 1, TINY, fold_dir.parent, verbose=0)
     assert again == summary
     assert "already trained" in capsys.readouterr().out
-    assert {p.name: p.stat().st_mtime_ns for p in fold_dir.iterdir()} == before
-    assert time.time() - start < 2
+    assert {p.name: p.stat().st_mtime_ns for p in fold_dir.iterdir()} == before  # nothing rewritten
+
+
+def test_finished_fold_with_another_recipe_is_reused_aloud(trained, dataset, capsys):
+    fold_dir, summary = trained
+    ds, folds = dataset
+    other = {**TINY, "dropout": 0.3, "stages": TINY["stages"][:1]}
+    assert train.train_fold(ds, folds, 1, other, fold_dir.parent, verbose=0) == summary
+    out = capsys.readouterr().out
+    assert "already trained" in out and "NOTE it was trained with a different recipe" in out
+    assert "dropout: 0.1 there, 0.3 here" in out and "stages:" in out
+    assert json.loads((fold_dir / "recipe.json").read_text()) == train.recipe(TINY)  # the record stays
+
+
+def _half_trained(fold_dir: Path, work: Path) -> Path:
+    """A copy of a finished fold with stage 2 and everything after it removed."""
+    import shutil
+
+    shutil.copytree(fold_dir, work / "fold1")
+    for name in ("done.json", "model.keras", "oof.npz", "stage2.weights.h5"):
+        (work / "fold1" / name).unlink()
+    return work / "fold1"
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"dropout": 0.3}, "dropout: 0.1 there, 0.3 now"),
+        ({"seed": 8}, "seed: 7 there, 8 now"),
+        # stage 2 is not finished, so a changed stage 2 is not an extension
+        ({"stages": [TINY["stages"][0], {"loss": "lovasz", "epochs": 1, "lr": 0.005}]}, "stages:"),
+    ],
+)
+def test_half_trained_fold_refuses_another_recipe(trained, dataset, tmp_path, change, named):
+    fold_dir, _ = trained
+    ds, folds = dataset
+    half = _half_trained(fold_dir, tmp_path / "models")
+    before = {p.name: p.stat().st_mtime_ns for p in half.iterdir()}
+    with pytest.raises(ValueError, match="different recipe") as err:
+        train.train_fold(ds, folds, 1, {**TINY, **change}, half.parent, verbose=0)
+    assert named in str(err.value) and str(half / "recipe.json") in str(err.value)
+    assert {p.name: p.stat().st_mtime_ns for p in half.iterdir()} == before  # nothing touched
+
+
+def test_more_stages_after_finished_ones_resume(trained, dataset, tmp_path):
+    """A warm restart added to a fold whose stages are all finished trains only the new stage
+    and records the longer recipe."""
+    import shutil
+
+    fold_dir, _ = trained
+    ds, folds = dataset
+    work = tmp_path / "models"
+    shutil.copytree(fold_dir, work / "fold1")
+    for name in ("done.json", "model.keras", "oof.npz"):
+        (work / "fold1" / name).unlink()
+    longer = {**TINY, "stages": TINY["stages"] + [{"loss": "lovasz", "epochs": 1, "lr": 0.001}]}
+    out = train.train_fold(ds, folds, 1, longer, work, verbose=0)
+    assert out["epochs"] == 4
+    hist = pd.read_csv(work / "fold1" / "history.csv")
+    assert hist[["stage", "epoch"]].values.tolist() == [[1, 1], [1, 2], [2, 1], [3, 1]]
+    assert json.loads((work / "fold1" / "recipe.json").read_text()) == train.recipe(longer)
 
 
 def test_same_seed_same_result(trained, dataset, tmp_path):
     """Reproducibility. Measured on this CPU: bit-identical losses, logits and scores (the
     augmentation uses stateless per-batch seeds). The test allows 1e-5 on losses and 0.01 on
     logits, and demands the same val score."""
-    fold_dir, summary, _ = trained
+    fold_dir, summary = trained
     ds, folds = dataset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
