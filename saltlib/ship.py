@@ -87,7 +87,10 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         "  post-processing below. The cut-off and small-mask size were chosen on these same images (two",
         "  numbers, so the optimism is small); the score at logit 0 without TTA or small-mask removal is",
         f"  {metrics['cv_score_untuned']:.4f}.",
-        "- Per fold: " + ", ".join(f"fold {f}: {s:.4f}" for f, s in metrics["per_fold"].items()),
+        "- Per fold: " + ", ".join(f"fold {f}: {s:.4f}" for f, s in metrics["per_fold"].items())
+        + (". Each fold is scored by its own model; the bundle averages every fold's logits, a gain"
+           " these folds cannot measure (each model trained on the others' folds)."
+           if len(metrics["per_fold"]) > 1 else ""),
         f"- Empty images predicted empty: {metrics['empty_accuracy']:.1%}; salt images with salt predicted:"
         f" {metrics['salt_recall']:.1%}.",
         "- Per coverage class (0 = empty, k = up to k*10% salt):",
