@@ -214,7 +214,8 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
     done_path, recipe_path = fold_dir / "done.json", fold_dir / "recipe.json"
     # a fold records its recipe when it starts; a different recipe may reuse a finished fold
     # (said aloud, and the model card lists each fold's recipe) but never resumes a half-trained one
-    diff = recipe_diff(io.read_json(recipe_path), cfg) if recipe_path.exists() else {}
+    recorded = io.read_json(recipe_path) if recipe_path.exists() else None
+    diff = recipe_diff(recorded, cfg) if recorded is not None else {}
     if done_path.exists():
         summary = json.loads(done_path.read_text())
         print(f"fold {fold}: already trained (val_score {summary['val_score']:.4f}), skipping")
@@ -222,10 +223,10 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
             print(f"fold {fold}: NOTE it was trained with a different recipe ({recipe_path}): "
                   + "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in diff.items()))
         return summary
-    recorded_stages = io.read_json(recipe_path)["stages"] if diff else []
     extends = (  # more stages after finished ones (a warm restart added later) is a clean resume
-        set(diff) == {"stages"} and recipe(cfg)["stages"][: len(recorded_stages)] == recorded_stages
-        and all((fold_dir / f"stage{s}.weights.h5").exists() for s in range(1, len(recorded_stages) + 1))
+        set(diff) == {"stages"}
+        and recipe(cfg)["stages"][: len(recorded["stages"])] == recorded["stages"]
+        and all((fold_dir / f"stage{s}.weights.h5").exists() for s in range(1, len(recorded["stages"]) + 1))
     )
     if diff and not extends:
         raise ValueError(

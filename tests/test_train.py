@@ -106,18 +106,24 @@ def test_saved_model_reproduces_oof_logits(trained, dataset):
     np.testing.assert_allclose(tta, oof["logits_tta"].astype(np.float32), atol=0.02, rtol=0.002)
 
 
+def _unfinished_copy(fold_dir: Path, work: Path, *extra: str) -> Path:
+    """A copy of a finished fold as ``work/fold1`` without ``done.json``, its model and OOF logits
+    (its stages all finished), and without any ``extra`` files."""
+    import shutil
+
+    shutil.copytree(fold_dir, work / "fold1")
+    for name in ("done.json", "model.keras", "oof.npz", *extra):
+        (work / "fold1" / name).unlink()
+    return work / "fold1"
+
+
 def test_snapshot_ensemble_from_finished_stages(trained, dataset, tmp_path):
     """``snapshots: [1]``: stage 1's weights join the fold's ensemble. Re-finishing a fold whose
     stages are all trained (done.json and models removed) trains nothing; the OOF logits are the
     mean of the two saved members' logits."""
-    import shutil
-
     fold_dir, summary = trained
     ds, folds = dataset
-    work = tmp_path / "models"
-    shutil.copytree(fold_dir, work / "fold1")
-    for name in ("done.json", "model.keras", "oof.npz"):
-        (work / "fold1" / name).unlink()
+    work = _unfinished_copy(fold_dir, tmp_path / "models").parent
     rows_before = len(pd.read_csv(work / "fold1" / "history.csv"))
     out = train.train_fold(ds, folds, 1, {**TINY, "snapshots": [1]}, work, verbose=0)
     assert len(pd.read_csv(work / "fold1" / "history.csv")) == rows_before  # nothing retrained
@@ -161,16 +167,6 @@ def test_finished_fold_with_another_recipe_is_reused_aloud(trained, dataset, cap
     assert json.loads((fold_dir / "recipe.json").read_text()) == train.recipe(TINY)  # the record stays
 
 
-def _half_trained(fold_dir: Path, work: Path) -> Path:
-    """A copy of a finished fold with stage 2 and everything after it removed."""
-    import shutil
-
-    shutil.copytree(fold_dir, work / "fold1")
-    for name in ("done.json", "model.keras", "oof.npz", "stage2.weights.h5"):
-        (work / "fold1" / name).unlink()
-    return work / "fold1"
-
-
 @pytest.mark.parametrize(
     "change, named",
     [
@@ -183,7 +179,7 @@ def _half_trained(fold_dir: Path, work: Path) -> Path:
 def test_half_trained_fold_refuses_another_recipe(trained, dataset, tmp_path, change, named):
     fold_dir, _ = trained
     ds, folds = dataset
-    half = _half_trained(fold_dir, tmp_path / "models")
+    half = _unfinished_copy(fold_dir, tmp_path / "models", "stage2.weights.h5")
     before = {p.name: p.stat().st_mtime_ns for p in half.iterdir()}
     with pytest.raises(ValueError, match="different recipe") as err:
         train.train_fold(ds, folds, 1, {**TINY, **change}, half.parent, verbose=0)
@@ -194,14 +190,9 @@ def test_half_trained_fold_refuses_another_recipe(trained, dataset, tmp_path, ch
 def test_more_stages_after_finished_ones_resume(trained, dataset, tmp_path):
     """A warm restart added to a fold whose stages are all finished trains only the new stage
     and records the longer recipe."""
-    import shutil
-
     fold_dir, _ = trained
     ds, folds = dataset
-    work = tmp_path / "models"
-    shutil.copytree(fold_dir, work / "fold1")
-    for name in ("done.json", "model.keras", "oof.npz"):
-        (work / "fold1" / name).unlink()
+    work = _unfinished_copy(fold_dir, tmp_path / "models").parent
     longer = {**TINY, "stages": TINY["stages"] + [{"loss": "lovasz", "epochs": 1, "lr": 0.001}]}
     out = train.train_fold(ds, folds, 1, longer, work, verbose=0)
     assert out["epochs"] == 4
