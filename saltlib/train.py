@@ -59,6 +59,11 @@ def recipe_diff(recorded: dict, cfg: dict) -> dict:
     return {k: (recorded.get(k), now[k]) for k in now if recorded.get(k) != now[k]}
 
 
+def _diff_text(diff: dict, here: str) -> str:
+    """A :func:`recipe_diff` result as ``"key: recorded there, value <here>; ..."``."""
+    return "; ".join(f"{k}: {a!r} there, {b!r} {here}" for k, (a, b) in diff.items())
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (a NaN loss, say). The message says why."""
 
@@ -214,6 +219,7 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
     done_path, recipe_path = fold_dir / "done.json", fold_dir / "recipe.json"
     # a fold records its recipe when it starts; a different recipe may reuse a finished fold
     # (said aloud, and the model card lists each fold's recipe) but never resumes a half-trained one
+    now = recipe(cfg)
     recorded = io.read_json(recipe_path) if recipe_path.exists() else None
     diff = recipe_diff(recorded, cfg) if recorded is not None else {}
     if done_path.exists():
@@ -221,21 +227,20 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
         print(f"fold {fold}: already trained (val_score {summary['val_score']:.4f}), skipping")
         if diff:
             print(f"fold {fold}: NOTE it was trained with a different recipe ({recipe_path}): "
-                  + "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in diff.items()))
+                  + _diff_text(diff, "here"))
         return summary
     extends = (  # more stages after finished ones (a warm restart added later) is a clean resume
         set(diff) == {"stages"}
-        and recipe(cfg)["stages"][: len(recorded["stages"])] == recorded["stages"]
+        and now["stages"][: len(recorded["stages"])] == recorded["stages"]
         and all((fold_dir / f"stage{s}.weights.h5").exists() for s in range(1, len(recorded["stages"]) + 1))
     )
     if diff and not extends:
         raise ValueError(
             f"fold {fold} in {fold_dir} was started with a different recipe ({recipe_path}); resuming it would "
-            "mix two recipes: " + "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-            + ". Use another --out folder, or the recorded values."
+            "mix two recipes: " + _diff_text(diff, "now") + ". Use another --out folder, or the recorded values."
         )
     if extends or not recipe_path.exists():
-        io.write_json(recipe_path, recipe(cfg))
+        io.write_json(recipe_path, now)
 
     train_idx, val_idx = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
     x_tr, y_tr = dataset.images[train_idx], dataset.masks[train_idx]
