@@ -113,6 +113,8 @@ SPEC: dict[str, Param] = {
     # cross-validation
     "n_folds": Param(int, 5, "number of stratified folds", _range(2, 20)),
     "folds": Param(list, [0], "folds to train (each held out once)", _int_list(0, 19)),
+    "bundle_folds": Param(list, [], "folds whose models go into the bundle ([] = every fold in 'folds'); "
+                          "post-processing is tuned on all folds' held-out images either way", _int_list(0, 19)),
     # model
     "base_filters": Param(int, 16, "channels of the first U-Net level", _range(1, 256)),
     "depth": Param(int, 4, "down-sampling levels (4: 101->50->25->12->6)", _range(1, 5)),
@@ -190,6 +192,12 @@ def check(values: dict, source: str = "parameters") -> dict:
         bad = [f for f in merged["folds"] if f >= merged["n_folds"]]
         if bad:
             raise ParamError(f"{source}: parameter 'folds' has fold {bad[0]} but n_folds is {merged['n_folds']}")
+    if "folds" in out and "bundle_folds" in out:  # both known (load() checks the merged values last)
+        bad = [f for f in out["bundle_folds"] if f not in out["folds"]]
+        if bad:
+            raise ParamError(
+                f"{source}: parameter 'bundle_folds' has fold {bad[0]}, which is not in 'folds' {out['folds']}"
+            )
     return out
 
 

@@ -327,9 +327,30 @@ class _PlainFormatter(logging.Formatter):
 
 
 def _declared_parameters(path) -> list[str]:
+    """The names of the notebook's ``parameters`` cell, as papermill reads them.
+
+    Raises:
+        ParamError: papermill cannot parse a line that assigns a parameter (it only logs that, and
+            the parameter would then silently keep its notebook default).
+    """
+    import ast
+
+    import nbformat
     import papermill
 
-    return list(papermill.inspect_notebook(str(path)).keys())
+    found = list(papermill.inspect_notebook(str(path)).keys())
+    nb = nbformat.read(str(path), as_version=4)
+    cell = next((c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if cell is not None:
+        for node in ast.parse(cell.source).body:
+            target = getattr(node, "target", None) or (node.targets[0] if isinstance(node, ast.Assign) else None)
+            if isinstance(target, ast.Name) and target.id not in found:
+                line = cell.source.splitlines()[node.lineno - 1]
+                raise params.ParamError(
+                    f"{path}: papermill cannot parse the parameter line {line!r}, so {target.id!r} would not be set "
+                    "(a comment with brackets or parentheses is the usual cause)"
+                )
+    return found
 
 
 def _error_text(exc) -> tuple[str, str]:

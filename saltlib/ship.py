@@ -47,6 +47,20 @@ def _train_commands(name: str, folds: list, fold_diff: dict) -> list:
     return lines
 
 
+def _bundle_sentence(metrics: dict) -> str:
+    """Which folds' models the bundle holds, and what that means for the score."""
+    folds, bundled = metrics["folds"], metrics.get("bundle_folds") or metrics["folds"]
+    if len(bundled) == 1 and len(folds) == 1:
+        return "- The bundle is this fold's model."
+    text = f"- The bundle averages the logits of the models of fold(s) {bundled}"
+    if len(bundled) < len(folds):
+        text += (f"; the other folds' models were trained to score the recipe on all {metrics['n_images']}"
+                 " images and tune the post-processing, and are not shipped (size)")
+    if len(bundled) > 1:
+        text += ". The ensemble's gain cannot be measured on these folds (each model trained on the others' folds)"
+    return text + "."
+
+
 def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
     """The Markdown model card of a finished run.
 
@@ -71,7 +85,6 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
             diff = train.recipe_diff(io.read_json(recipe_path), p)
             if diff:
                 fold_diff[r["fold"]] = {k: a for k, (a, _) in diff.items()}
-    train_s = sum(r.get("seconds", 0) for r in fold_rows)
     cpu = info.get("host", {}).get("cpus")
     lines = [
         f"# Model card: {name}",
@@ -88,9 +101,8 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         "  numbers, so the optimism is small); the score at logit 0 without TTA or small-mask removal is",
         f"  {metrics['cv_score_untuned']:.4f}.",
         "- Per fold: " + ", ".join(f"fold {f}: {s:.4f}" for f, s in metrics["per_fold"].items())
-        + (". Each fold is scored by its own model; the bundle averages every fold's logits, a gain"
-           " these folds cannot measure (each model trained on the others' folds)."
-           if len(metrics["per_fold"]) > 1 else ""),
+        + (". Each fold is scored by its own model, which did not train on it." if len(metrics["per_fold"]) > 1 else ""),
+        _bundle_sentence(metrics),
         f"- Empty images predicted empty: {metrics['empty_accuracy']:.1%}; salt images with salt predicted:"
         f" {metrics['salt_recall']:.1%}.",
         "- Per coverage class (0 = empty, k = up to k*10% salt):",
@@ -126,14 +138,21 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
     for r in fold_rows:
         lines.append(
             f"- fold {r['fold']}: {r['n_train']} training images, {r['epochs']} epochs in "
-            f"{r['seconds'] / 3600:.2f} h ({r.get('train_images_per_s', float('nan')):.1f} images/s, "
-            f"validation included)"
+            + (f"{r['seconds'] / 3600:.2f} h" if r["seconds"] >= 600 else f"{r['seconds'] / 60:.1f} min")
+            + f" ({r.get('train_images_per_s', float('nan')):.1f} images/s, validation included)"
+            + (f" on {r['hardware']}" if r.get("hardware") else "")
             + (f"; **its recipe differs from `params.yaml`**: {_describe(fold_diff[r['fold']])}"
                if r["fold"] in fold_diff else "")
         )
+    cpu_s = sum(r.get("seconds", 0) for r in fold_rows if not r.get("hardware"))
+    other = [r for r in fold_rows if r.get("hardware")]
     lines += [
-        f"- Hardware: {cpu} CPU cores ({platform.processor() or platform.machine()}), no GPU; "
-        f"{train_s / 3600 * (cpu or 1):.1f} CPU-core-hours of training (wall time x cores).",
+        f"- Hardware: {cpu} CPU cores ({platform.processor() or platform.machine()}), no GPU"
+        + (f", for fold(s) {[r['fold'] for r in fold_rows if not r.get('hardware')]}" if other else "")
+        + f"; {cpu_s / 3600 * (cpu or 1):.1f} CPU-core-hours of training (wall time x cores)."
+        + (f" Fold(s) {[r['fold'] for r in other]}: {sum(r['seconds'] for r in other) / 60:.1f} min of training"
+           " on the hardware named above (tools/gpu_cv.py; the `salt train` line below reproduces them"
+           " on a CPU)." if other else ""),
         f"- Code: git commit {info.get('git', {}).get('commit')}; versions: "
         + ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items()),
         "",

@@ -112,23 +112,3 @@ def test_fit_on_numpy_batches_learns():
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.BinaryCrossentropy(from_logits=True))
     hist = model.fit(ds, epochs=6, verbose=0).history["loss"]
     assert hist[-1] < 0.7 * hist[0], hist
-
-
-def test_gpu_cv_pack_round_trip(synthetic24, tmp_path):
-    """tools/gpu_cv.py: the packed training set loads back exactly (8-bit images, masks, depths),
-    and ``limit`` takes the first images."""
-    import importlib.util
-
-    from conftest import ROOT
-    from saltlib import data
-
-    spec = importlib.util.spec_from_file_location("gpu_cv", ROOT / "tools" / "gpu_cv.py")
-    gpu_cv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_cv)
-    gpu_cv.pack(tmp_path / "train.npz", synthetic24.root)
-    ds, back = data.load_train(synthetic24.root), gpu_cv.load_packed(tmp_path / "train.npz")
-    np.testing.assert_array_equal(back.ids, ds.ids)
-    np.testing.assert_array_equal(back.masks, ds.masks)
-    np.testing.assert_allclose(back.images, ds.images, atol=0.5 / 255 + 1e-6)
-    np.testing.assert_array_equal(back.depths, ds.depths)
-    assert len(gpu_cv.load_packed(tmp_path / "train.npz", limit=5)) == 5

@@ -111,6 +111,17 @@ def test_folds_must_be_below_n_folds():
     assert params.check({"n_folds": 2}) == {"n_folds": 2}  # the default folds [0] fits
 
 
+def test_bundle_folds_must_be_trained_folds(tmp_path):
+    with pytest.raises(ParamError, match=r"'bundle_folds' has fold 3, which is not in 'folds' \[0, 1\]"):
+        params.check({"folds": [0, 1], "bundle_folds": [0, 3]})
+    path = write(tmp_path, "folds: [0, 1, 2]\nbundle_folds: [0, 1]\n")
+    assert params.load(path)["bundle_folds"] == [0, 1]
+    assert params.load(path, ["bundle_folds=[2]"])["bundle_folds"] == [2]  # --set alone, checked with the file's folds
+    with pytest.raises(ParamError, match="'bundle_folds' has fold 1"):
+        params.load(path, ["folds=[0]"])  # a change of folds that leaves a bundled fold out
+    assert params.load(write(tmp_path, "folds: [3]\n"))["bundle_folds"] == []  # default: every trained fold
+
+
 @pytest.mark.parametrize(
     "stages,message",
     [

@@ -74,6 +74,33 @@ def test_bad_set_stops_before_any_folder(tmp_path, override, message):
     assert not runs.exists()
 
 
+@pytest.mark.parametrize(
+    "line,ok",
+    [
+        ("folds: list = []  # every fold", True),
+        ("folds: list = []  # folds ([] = all)", False),  # papermill logs "Unable to parse line" and skips it
+    ],
+)
+def test_unparseable_parameter_line_is_refused(tmp_path, line, ok):
+    """papermill skips a parameters line it cannot parse, so the value from the YAML would never
+    reach the notebook; the runner refuses such a notebook and names the line."""
+    kernel = {"name": "python3", "language": "python", "display_name": "Python 3"}
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": kernel})
+    nb.cells = [nbformat.v4.new_code_cell(f"seed: int = 42  # seed\n{line}", metadata={"tags": ["parameters"]})]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, str(path))
+    if ok:
+        assert runner._declared_parameters(path) == ["seed", "folds"]
+    else:
+        with pytest.raises(params.ParamError, match=r"cannot parse the parameter line .*'folds' would not be set"):
+            runner._declared_parameters(path)
+
+
+def test_repo_notebooks_declare_parseable_parameters():
+    for path in sorted((runner.PROJECT_ROOT / "notebooks").glob("*.ipynb")):
+        assert set(runner._declared_parameters(path)) <= set(params.SPEC), path
+
+
 @pytest.mark.parametrize("name", ["../escape", "a/b", "", " spaced", "x" * 200])
 def test_bad_run_name(tmp_path, name):
     with pytest.raises(ValueError, match="run name"):

@@ -75,6 +75,36 @@ def test_card_names_a_fold_trained_with_another_recipe(smoke_ok, tmp_path):
     assert not re.search(r"salt train \S+ --folds 0 --out \S+\s+# resumable", card)  # no plain line for fold 0
 
 
+def test_card_names_the_hardware_of_a_fold_trained_elsewhere(smoke_ok, tmp_path):
+    """A fold trained on another machine (tools/gpu_cv.py unpack records ``hardware``): the card
+    names it on the fold's line and keeps its minutes out of the CPU-core-hours."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_ok.run_dir, run)
+    done_path = run / "models" / "fold0" / "done.json"
+    done = json.loads(done_path.read_text())
+    done_path.write_text(json.dumps({**done, "hardware": "one test GPU", "seconds": 120.0}))
+    card = (ship.ship(run, "gpu", models_dir=tmp_path / "models") / "MODEL_CARD.md").read_text()
+    fold_line = next(l for l in card.splitlines() if l.startswith("- fold 0:"))
+    assert "2.0 min" in fold_line and "on one test GPU" in fold_line
+    hardware = next(l for l in card.splitlines() if l.startswith("- Hardware:"))
+    assert "0.0 CPU-core-hours" in hardware and "Fold(s) [0]: 2.0 min of training" in hardware
+
+
+@pytest.mark.parametrize(
+    "folds,bundle_folds,expected,absent",
+    [
+        ([0], [], "the bundle is this fold's model", "not shipped"),
+        ([0, 1], [], "models of fold(s) [0, 1]. the ensemble's gain cannot be measured", "not shipped"),
+        ([0, 1, 2, 3, 4], [0, 1], "models of fold(s) [0, 1]; the other folds' models", "bundle is this"),
+        ([0, 1, 2], [2], "models of fold(s) [2]; the other folds' models were trained to score the recipe on all 30",
+         "ensemble's gain"),
+    ],
+)
+def test_bundle_sentence(folds, bundle_folds, expected, absent):
+    text = ship._bundle_sentence({"folds": folds, "bundle_folds": bundle_folds, "n_images": 30}).lower()
+    assert expected in text and absent not in text
+
+
 def test_ship_never_overwrites(smoke_ok, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")

@@ -1,0 +1,98 @@
+"""tools/gpu_cv.py: the pieces that run here (packing the data, turning the GPU machine's weights
+and logs back into fold folders) and the choice of step compilation per backend."""
+
+from __future__ import annotations
+
+import importlib.util
+import io as _io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from saltlib import data, io, train
+
+
+@pytest.fixture(scope="module")
+def gpu_cv():
+    spec = importlib.util.spec_from_file_location("gpu_cv", ROOT / "tools" / "gpu_cv.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pack_round_trip(gpu_cv, synthetic24, tmp_path):
+    """The packed training set loads back exactly (8-bit images, masks, depths), and ``limit``
+    takes the first images."""
+    gpu_cv.pack(tmp_path / "train.npz", synthetic24.root)
+    ds, back = data.load_train(synthetic24.root), gpu_cv.load_packed(tmp_path / "train.npz")
+    np.testing.assert_array_equal(back.ids, ds.ids)
+    np.testing.assert_array_equal(back.masks, ds.masks)
+    np.testing.assert_allclose(back.images, ds.images, atol=0.5 / 255 + 1e-6)
+    np.testing.assert_array_equal(back.depths, ds.depths)
+    assert len(gpu_cv.load_packed(tmp_path / "train.npz", limit=5)) == 5
+
+
+def test_bfloat16_weights_survive_npz(gpu_cv, tmp_path):
+    """A mixed-precision model's saved file holds bfloat16 weights; ``np.savez`` stores those as
+    raw 2-byte records (dtype V2), which ``set_weights`` cannot take. ``_float32`` reads them back
+    as the same numbers, so export -> npz -> unpack rebuilds the saved model exactly."""
+    import keras
+
+    cfg = {"base_filters": 4, "depth": 2, "blocks_per_level": 1, "dropout": 0.0, "mixed_precision": True}
+    saved = train.save_model(train.build_model(cfg), cfg, tmp_path / "m.keras")
+    weights = keras.saving.load_model(saved, compile=False).get_weights()
+    np.savez(tmp_path / "w.npz", **{f"w{i:03d}": w for i, w in enumerate(weights)})
+    z = np.load(tmp_path / "w.npz")
+    assert any(z[k].dtype.kind == "V" for k in z.files)  # what broke the first unpack
+    back = [gpu_cv._float32(z[k]) for k in sorted(z.files)]
+    assert all(b.dtype == np.float32 for b in back)
+    for w, b in zip(weights, back):
+        np.testing.assert_array_equal(np.asarray(w, np.float32), b)
+    rebuilt = train.build_model(cfg)
+    rebuilt.set_weights(back)
+    x = np.random.default_rng(0).random((2, 101, 101, 1), dtype=np.float32)
+    np.testing.assert_array_equal(train.predict_logits(rebuilt, x),
+                                  train.predict_logits(keras.saving.load_model(saved, compile=False), x))
+
+
+def test_fold_records_make_a_salt_train_fold(gpu_cv, tmp_path):
+    """The worker's records come out of the logs archive into the fold folder; ``done.json`` gets
+    the scores measured here and the hardware that trained it."""
+    files = {
+        "history.csv": b"stage,epoch,time,loss,lr,val_score\n1,1,0.0,0.5,0.001,\n",
+        "recipe.json": json.dumps({"seed": 42, "dropout": 0.25}).encode(),
+        "timing.json": b'{"seconds": 287.1}',
+        "done.json": json.dumps({"fold": 2, "epochs": 90, "seconds": 287.1, "val_score": 0.5,
+                                 "val_score_tta": 0.5, "models": ["model.keras"]}).encode(),
+    }
+    logs = tmp_path / "logs.tar.gz"
+    with tarfile.open(logs, "w:gz") as tar:
+        for name, payload in files.items():
+            info = tarfile.TarInfo(f"s42/fold2/{name}")
+            info.size = len(payload)
+            tar.addfile(info, _io.BytesIO(payload))
+    dest = tmp_path / "fold2"
+    dest.mkdir()
+    row = {"val_score": 0.78, "val_score_tta": 0.79}
+    gpu_cv._fold_records(logs, 42, 2, dest, row, "one test GPU")
+    for name in ("history.csv", "recipe.json", "timing.json"):
+        assert (dest / name).read_bytes() == files[name]
+    done = io.read_json(dest / "done.json")
+    assert done["val_score"] == 0.78 and done["val_score_tta"] == 0.79
+    assert done["member_scores_tta"] == {"model.keras": 0.79}
+    assert done["hardware"] == "one test GPU" and done["epochs"] == 90
+    gpu_cv._fold_records(tmp_path / "no-logs.tar.gz", 42, 3, tmp_path, row, "x")  # no archive: nothing written
+    assert not (tmp_path / "done.json").exists()
+
+
+@pytest.mark.parametrize("backend,expected", [("tensorflow", False), ("jax", True), ("torch", False)])
+def test_jit_compile_only_under_jax(monkeypatch, backend, expected):
+    """JAX without XLA runs every operation eagerly (a GPU did not finish one epoch in 95 s);
+    TensorFlow's XLA step is slower on these CPUs."""
+    import keras
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: backend)
+    assert train.jit_compile() is expected
