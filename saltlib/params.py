@@ -67,6 +67,13 @@ def _one_of(*choices):
     return check
 
 
+def _number_list(v):
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not _finite(x):
+            return f"items must be finite numbers, got {x!r}"
+    return None
+
+
 def _int_list(lo=None, hi=None):
     def check(v):
         for x in v:
@@ -136,6 +143,8 @@ SPEC: dict[str, Param] = {
     # notebooks
     "n_samples": Param(int, 12, "images shown in galleries", _range(1, 100)),
     "min_sizes": Param(list, [0, 10, 25, 50, 100, 200], "small-mask sizes (pixels) tried in post-processing", _int_list(0, 10201)),
+    "peak_gates": Param(list, [], "largest-logit gates tried in post-processing: an image whose largest logit "
+                        "is at most g is predicted empty ([] = no gate)", _number_list),
     "test_dir": Param(str, "", "folder of test PNGs ('' = DATA/test/images)"),
     "test_limit": Param(int, 0, "predict only the first N test images (0 = all)", _range(0)),
 }

@@ -7,6 +7,8 @@ A *bundle* is a folder that holds everything needed to turn images into a submis
                                                "threshold": 0.0,        # logit units
                                                "min_size": 0,           # smaller masks become empty
                                                "tta": true,             # left-right flip TTA
+                                               "peak_gate": 1.0,        # optional: an image whose largest
+                                                                        # logit is <= this is empty
                                                "input_shape": [101, 101, 1],
                                                "meta": {...},           # free-form (CV score, recipe, ...)
                                                "sha256": {"model0.keras": "..."}}  # optional check
@@ -41,7 +43,7 @@ from .data import DataError
 BUNDLE_FILE = "bundle.json"
 INPUT_SHAPE = (data.IMAGE_SIZE, data.IMAGE_SIZE, 1)
 REQUIRED_KEYS = ("models", "threshold", "min_size", "tta")
-OPTIONAL_KEYS = ("input_shape", "meta", "sha256")
+OPTIONAL_KEYS = ("peak_gate", "input_shape", "meta", "sha256")
 #: images predicted per chunk in :func:`predict_folder` (bounds the memory held by logits)
 CHUNK_SIZE = 1000
 
@@ -51,7 +53,7 @@ class BundleError(ValueError):
 
 
 # --------------------------------------------------------------------------- post-processing
-def postprocess(logits, threshold: float = 0.0, min_size: int = 0) -> np.ndarray:
+def postprocess(logits, threshold: float = 0.0, min_size: int = 0, peak_gate: float | None = None) -> np.ndarray:
     """Turn logits into salt masks.
 
     Args:
@@ -59,6 +61,8 @@ def postprocess(logits, threshold: float = 0.0, min_size: int = 0) -> np.ndarray
             in the same units works (probabilities too).
         threshold: a pixel is salt where ``logits > threshold``.
         min_size: a mask with fewer than ``min_size`` salt pixels becomes empty (0 keeps all).
+        peak_gate: an image whose largest logit is ``<= peak_gate`` becomes empty: the model must
+            be this sure of some pixel before any salt is drawn (None keeps all).
     Returns:
         bool ``(N, H, W)`` masks.
     """
@@ -70,6 +74,8 @@ def postprocess(logits, threshold: float = 0.0, min_size: int = 0) -> np.ndarray
     if a.ndim != 3:
         raise ValueError(f"postprocess expects (N,H,W) or (N,H,W,1) logits, got shape {a.shape}")
     masks = a > threshold
+    if peak_gate is not None:
+        masks[a.max(axis=(1, 2), initial=-np.inf) <= peak_gate] = False
     if min_size > 0:
         small = masks.sum(axis=(1, 2)) < min_size
         masks[small] = False
@@ -86,6 +92,7 @@ class Bundle:
         threshold: logit cut-off used by :meth:`predict_masks`.
         min_size: masks with fewer salt pixels become empty.
         tta: whether predictions average in the left-right flipped prediction.
+        peak_gate: images whose largest logit is at most this become empty (None: off).
         meta: free-form metadata from ``bundle.json``.
         path: the bundle folder.
         files: the model file names, in the order of ``models``.
@@ -96,6 +103,7 @@ class Bundle:
     threshold: float = 0.0
     min_size: int = 0
     tta: bool = False
+    peak_gate: float | None = None
     meta: dict = field(default_factory=dict)
     path: Path | None = None
     files: list = field(default_factory=list)
@@ -125,13 +133,14 @@ class Bundle:
 
     def predict_masks(self, images, batch_size: int = 64) -> np.ndarray:
         """:meth:`predict_logits` then :func:`postprocess` with the bundle's settings: bool ``(N,101,101)``."""
-        return postprocess(self.predict_logits(images, batch_size), self.threshold, self.min_size)
+        return postprocess(self.predict_logits(images, batch_size), self.threshold, self.min_size, self.peak_gate)
 
     def describe(self) -> str:
         """One line: number of models, TTA, threshold, min_size and folder."""
         return (
             f"bundle {self.path}: {len(self.models)} model(s), tta={self.tta}, "
             f"threshold={self.threshold:g}, min_size={self.min_size}"
+            + (f", peak_gate={self.peak_gate:g}" if self.peak_gate is not None else "")
         )
 
 
@@ -152,7 +161,7 @@ def _sha256(path) -> str:
     return h.hexdigest()
 
 
-def _check_settings(threshold, min_size, tta, where: str):
+def _check_settings(threshold, min_size, tta, where: str, peak_gate=None):
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)):
         raise BundleError(f"{where}: threshold must be a number, got {threshold!r}")
     if not math.isfinite(float(threshold)):
@@ -161,9 +170,15 @@ def _check_settings(threshold, min_size, tta, where: str):
         raise BundleError(f"{where}: min_size must be an integer >= 0, got {min_size!r}")
     if not isinstance(tta, (bool, np.bool_)):
         raise BundleError(f"{where}: tta must be true or false, got {tta!r}")
+    if peak_gate is not None and (
+        isinstance(peak_gate, bool) or not isinstance(peak_gate, (int, float, np.floating, np.integer))
+        or not math.isfinite(float(peak_gate))
+    ):
+        raise BundleError(f"{where}: peak_gate must be a finite number or null, got {peak_gate!r}")
 
 
-def write_bundle(dest, model_paths, threshold: float, min_size: int, tta: bool, meta=None) -> Path:
+def write_bundle(dest, model_paths, threshold: float, min_size: int, tta: bool, meta=None,
+                 peak_gate: float | None = None) -> Path:
     """Write a model bundle folder.
 
     The models are copied to ``dest/model<i>.keras`` (staged under temporary names, then renamed)
@@ -178,6 +193,8 @@ def write_bundle(dest, model_paths, threshold: float, min_size: int, tta: bool, 
         min_size: minimum salt pixels of a non-empty mask.
         tta: use left-right flip TTA.
         meta: JSON-serializable dict stored as ``"meta"`` (CV score, recipe, ...).
+        peak_gate: images whose largest logit is at most this become empty (None: off; the key
+            is then left out, so the file reads as before the gate existed).
     Returns:
         ``dest`` as a Path.
     Raises:
@@ -193,7 +210,7 @@ def write_bundle(dest, model_paths, threshold: float, min_size: int, tta: bool, 
             raise BundleError(f"model file not found: {p}")
         if not zipfile.is_zipfile(p):
             raise BundleError(f"{p} is not a Keras .keras archive")
-    _check_settings(threshold, min_size, tta, str(dest))
+    _check_settings(threshold, min_size, tta, str(dest), peak_gate)
     meta = dict(meta or {})
     dest.mkdir(parents=True, exist_ok=True)
     (dest / BUNDLE_FILE).unlink(missing_ok=True)  # the folder is incomplete until we finish
@@ -219,6 +236,7 @@ def write_bundle(dest, model_paths, threshold: float, min_size: int, tta: bool, 
         "threshold": float(threshold),
         "min_size": int(min_size),
         "tta": bool(tta),
+        **({"peak_gate": float(peak_gate)} if peak_gate is not None else {}),
         "input_shape": list(INPUT_SHAPE),
         "meta": meta,
         "sha256": {n: _sha256(dest / n) for n in names},
@@ -265,7 +283,7 @@ def read_bundle_spec(path) -> dict:
     for m in models:
         if Path(m).name != m or m in (".", ".."):
             raise BundleError(f"{spec_path}: model {m!r} must be a plain file name inside the bundle folder")
-    _check_settings(spec["threshold"], spec["min_size"], spec["tta"], str(spec_path))
+    _check_settings(spec["threshold"], spec["min_size"], spec["tta"], str(spec_path), spec.setdefault("peak_gate", None))
     shape = spec.setdefault("input_shape", list(INPUT_SHAPE))
     if not isinstance(shape, list) or tuple(shape) != INPUT_SHAPE:
         raise BundleError(f"{spec_path}: input_shape must be {list(INPUT_SHAPE)}, got {shape!r}")
@@ -321,6 +339,7 @@ def load_bundle(path) -> Bundle:
         threshold=float(spec["threshold"]),
         min_size=int(spec["min_size"]),
         tta=bool(spec["tta"]),
+        peak_gate=None if spec["peak_gate"] is None else float(spec["peak_gate"]),
         meta=spec["meta"],
         path=path,
         files=list(spec["models"]),

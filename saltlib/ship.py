@@ -97,7 +97,9 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         f"- **CV score {metrics['cv_score']:.4f}**: the competition metric (mean over IoU thresholds 0.50..0.95",
         f"  of [IoU > t], per image, averaged) on {metrics['n_images']} labelled images the model did not train",
         f"  on: fold(s) {metrics['folds']} of a {metrics['n_folds']}-fold split stratified by salt coverage, with the",
-        "  post-processing below. The cut-off and small-mask size were chosen on these same images (two",
+        "  post-processing below. The cut-off and small-mask size"
+        + (" and the largest-logit gate were chosen on these same images (three" if metrics.get("peak_gate") is not None
+           else " were chosen on these same images (two"),
         "  numbers, so the optimism is small); the score at logit 0 without TTA or small-mask removal is",
         f"  {metrics['cv_score_untuned']:.4f}.",
         "- Per fold: " + ", ".join(f"fold {f}: {s:.4f}" for f, s in metrics["per_fold"].items())
@@ -118,6 +120,8 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         "",
         f"- cut-off: logit > {metrics['threshold']:+.2f}; "
         + (f"masks under {metrics['min_size']} pixels are emptied" if metrics["min_size"] else "no small-mask removal")
+        + (f"; images whose largest logit is at most {metrics['peak_gate']:+.2f} are predicted empty"
+           if metrics.get("peak_gate") is not None else "")
         + f"; flip TTA: {'yes' if metrics['tta'] else 'no'}.",
         "",
         "## Recipe",
@@ -196,7 +200,8 @@ def ship(run_dir, name: str, models_dir=None, benchmark_file=None) -> Path:
     card = model_card(run_dir, name, benchmark)
     models = [run_dir / "bundle" / m for m in spec["models"]]
     meta = {**(spec.get("meta") or {}), "name": name, "source_run": run_dir.name}
-    predict.write_bundle(dest, models, spec["threshold"], spec["min_size"], spec["tta"], meta=meta)
+    predict.write_bundle(dest, models, spec["threshold"], spec["min_size"], spec["tta"], meta=meta,
+                         peak_gate=spec["peak_gate"])
     io.write_text(dest / "params.yaml", (run_dir / "params.yaml").read_text())
     io.write_text(dest / "metrics.json", (run_dir / "metrics.json").read_text())
     io.write_text(dest / "MODEL_CARD.md", card)

@@ -111,6 +111,14 @@ def test_folds_must_be_below_n_folds():
     assert params.check({"n_folds": 2}) == {"n_folds": 2}  # the default folds [0] fits
 
 
+@pytest.mark.parametrize("value,message", [([0.5, "x"], "finite numbers, got 'x'"), ([float("nan")], "finite"),
+                                           ([True], "finite numbers, got True")])
+def test_peak_gates_must_be_numbers(value, message):
+    with pytest.raises(ParamError, match=f"'peak_gates' items must be {message}"):
+        params.check({"peak_gates": value})
+    assert params.check({"peak_gates": [-1, 0.5]}) == {"peak_gates": [-1, 0.5]}
+
+
 def test_bundle_folds_must_be_trained_folds(tmp_path):
     with pytest.raises(ParamError, match=r"'bundle_folds' has fold 3, which is not in 'folds' \[0, 1\]"):
         params.check({"folds": [0, 1], "bundle_folds": [0, 3]})

@@ -98,6 +98,28 @@ def test_postprocess_threshold_and_min_size_boundary():
     assert logits[0, 0, 0] == 0.5
 
 
+@pytest.mark.parametrize(
+    "gate,kept",
+    [
+        (None, [True, True, True]),
+        (0.5, [False, True, True]),  # image 0 peaks at exactly 0.5: gated (<=)
+        (0.9, [False, False, True]),
+        (3.0, [False, False, False]),
+    ],
+)
+def test_postprocess_peak_gate(gate, kept):
+    """Peaks 0.5, 0.9 and 3.0, each over a 9-pixel patch above the cut-off 0."""
+    logits = np.full((3, 101, 101), -2.0, np.float32)
+    for k, peak in enumerate([0.5, 0.9, 3.0]):
+        logits[k, 10:13, 10:13] = 0.2
+        logits[k, 11, 11] = peak
+    m = predict.postprocess(logits, threshold=0.0, peak_gate=gate)
+    assert [bool(x) for x in m.any(axis=(1, 2))] == kept
+    assert all(m[k].sum() == 9 for k in range(3) if kept[k])  # the gate empties whole images only
+    # the gate and the small-mask size act together
+    assert not predict.postprocess(logits, 0.0, min_size=10, peak_gate=gate).any()
+
+
 # --------------------------------------------------------------------------- bundles
 def test_bundle_round_trip_same_logits(models, bundle_dir):
     from saltlib.train import predict_logits
@@ -142,6 +164,26 @@ def test_write_bundle_rewrites_in_place_and_drops_stale_files(models, tmp_path):
     assert spec["models"] == ["model0.keras"] and spec["threshold"] == 1.5
     assert sorted(p.name for p in d.iterdir()) == ["README.md", "bundle.json", "model0.keras"]
     assert (d / "model0.keras").read_bytes() == paths[1].read_bytes()
+
+
+def test_bundle_peak_gate_round_trip(models, tmp_path):
+    """Written, read back and applied; a bundle without the key (as before the gate existed)
+    loads with the gate off."""
+    paths, _ = models
+    d = predict.write_bundle(tmp_path / "g", paths, 0.05, 3, True, peak_gate=1.25)
+    assert json.loads((d / "bundle.json").read_text())["peak_gate"] == 1.25
+    b = predict.load_bundle(d)
+    assert b.peak_gate == 1.25 and "peak_gate=1.25" in b.describe()
+    x = tiny_images(4)
+    np.testing.assert_array_equal(b.predict_masks(x), predict.postprocess(b.predict_logits(x), 0.05, 3, 1.25))
+    plain = predict.write_bundle(tmp_path / "p", paths, 0.05, 3, True)
+    assert "peak_gate" not in json.loads((plain / "bundle.json").read_text())
+    assert predict.load_bundle(plain).peak_gate is None
+    _edit_spec(plain, lambda s: s.update(peak_gate="high"))
+    with pytest.raises(BundleError, match=r"peak_gate must be a finite number or null, got 'high'"):
+        predict.load_bundle(plain)
+    with pytest.raises(BundleError, match="peak_gate"):
+        predict.write_bundle(tmp_path / "q", paths, 0.0, 0, False, peak_gate=float("inf"))
 
 
 def test_write_bundle_rejects_bad_input(models, tmp_path):
