@@ -166,10 +166,9 @@ def _probe_times(out_root, jobs, started: float) -> tuple[float, float]:
 def train_jobs(args) -> None:
     """Probe the speed with every job running at once, then train them all to fit the budget.
 
-    The time kept aside for what is not epochs is measured by the probe: each stage compiles
-    its step again, so it is the probe's start-up (process, data, one compile) times the number
-    of stages (the first stage's compile stands in for the final predictions), and ``--overhead``
-    for the export.
+    The time kept aside for what is not epochs: the probe's start-up (process, data, the first
+    compile), ~15 s per later stage and for the final out-of-fold predictions (measured on an
+    H200: each later stage's compile took 10-15 s), and ``--overhead`` for the export.
     """
     t0 = time.time()
     jobs = [tuple(int(v) for v in j.split(":")) for j in args.jobs]
@@ -191,7 +190,7 @@ def train_jobs(args) -> None:
         raise SystemExit(f"probe failed: exit codes {codes}")
     per_epoch, start_up = _probe_times(work / "probe", jobs, t0)
     probe_s = time.time() - t0
-    left = args.budget - probe_s - args.overhead - start_up * len(planned)
+    left = args.budget - probe_s - args.overhead - start_up - 15.0 * len(planned)
     fit = int(left // per_epoch)
     scale = min(1.0, fit / sum(planned))
     epochs = [max(1, int(e * scale)) for e in planned]
