@@ -293,6 +293,10 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
         )
         backup = Backup(str(fold_dir / f"backup{s}"), delete_checkpoint=False)
         print(f"fold {fold} stage {s}: loss {stage['loss']}, {stage['epochs']} epochs, lr {lr:g} (cosine)")
+        # Keras' BackupAndRestore resumes by setting model._initial_epoch, which then outlives its
+        # fit(): a later stage of the same process would start at that epoch with a fresh
+        # optimizer (fewer epochs, and a cosine schedule that never decays). Clear it per stage.
+        model._initial_epoch = None
         start = time.time()
         try:
             model.fit(

@@ -290,6 +290,7 @@ def _write_params(path: Path, data_dir: Path) -> Path:
         "stages:\n"
         "  - {loss: bce, epochs: 1, lr: 0.01}\n"
         f"  - {{loss: lovasz, epochs: {RESUME_EPOCHS}, lr: 0.005}}\n"
+        "  - {loss: bce, epochs: 2, lr: 0.003}\n"  # a stage after the resumed one starts at its epoch 1
     )
     return path
 
@@ -351,13 +352,19 @@ def test_killed_training_resumes_from_last_epoch(synthetic24, tmp_path):
     assert epochs_run == list(range(epochs_run[0], RESUME_EPOCHS + 1))
 
     h = pd.read_csv(hist_path)
-    assert h[["stage", "epoch"]].values.tolist() == [[1, 1]] + [[2, e] for e in range(1, RESUME_EPOCHS + 1)]
+    assert h[["stage", "epoch"]].values.tolist() == (
+        [[1, 1]] + [[2, e] for e in range(1, RESUME_EPOCHS + 1)] + [[3, 1], [3, 2]]
+    )
+    # each stage's cosine schedule runs to its end: the restored epoch of stage 2 must not carry
+    # over into stage 3 (it did: Keras keeps model._initial_epoch after a restore)
+    last_lr = h.groupby("stage")["lr"].last()
+    np.testing.assert_allclose(last_lr.loc[[2, 3]], 1e-5, rtol=1e-3)
     assert (h["time"].iloc[: epochs_run[0]] < killed_at).all()  # rows before the resume are the old ones
     assert (h["time"].iloc[epochs_run[0]:] > killed_at).all()
     assert (fold_dir / "done.json").exists() and (fold_dir / "model.keras").exists()
     assert not (fold_dir / "backup2").exists()
     summary = json.loads((fold_dir / "done.json").read_text())
-    assert summary["epochs"] == 1 + RESUME_EPOCHS
+    assert summary["epochs"] == 1 + RESUME_EPOCHS + 2
 
     # (a third start that finds the fold finished: test_finished_fold_is_skipped, in-process)
 
