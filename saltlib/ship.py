@@ -97,9 +97,10 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         f"- **CV score {metrics['cv_score']:.4f}**: the competition metric (mean over IoU thresholds 0.50..0.95",
         f"  of [IoU > t], per image, averaged) on {metrics['n_images']} labelled images the model did not train",
         f"  on: fold(s) {metrics['folds']} of a {metrics['n_folds']}-fold split stratified by salt coverage, with the",
-        "  post-processing below. The cut-off and small-mask size"
-        + (" and the largest-logit gate were chosen on these same images (three" if metrics.get("peak_gate") is not None
-           else " were chosen on these same images (two"),
+        "  post-processing below. "
+        + ("The cut-off, the small-mask size and the largest-logit gate were chosen on these same images (three"
+           if metrics.get("peak_gate") is not None
+           else "The cut-off and small-mask size were chosen on these same images (two"),
         "  numbers, so the optimism is small); the score at logit 0 without TTA or small-mask removal is",
         f"  {metrics['cv_score_untuned']:.4f}.",
         "- Per fold: " + ", ".join(f"fold {f}: {s:.4f}" for f, s in metrics["per_fold"].items())
@@ -155,8 +156,8 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         + (f", for fold(s) {[r['fold'] for r in fold_rows if not r.get('hardware')]}" if other else "")
         + f"; {cpu_s / 3600 * (cpu or 1):.1f} CPU-core-hours of training (wall time x cores)."
         + (f" Fold(s) {[r['fold'] for r in other]}: {sum(r['seconds'] for r in other) / 60:.1f} min of training"
-           " on the hardware named above (tools/gpu_cv.py; the `salt train` line below reproduces them"
-           " on a CPU)." if other else ""),
+           " summed over the folds, on the hardware named above (folds trained at the same time share it;"
+           " tools/gpu_cv.py; the `salt train` lines below reproduce them on a CPU)." if other else ""),
         f"- Code: git commit {info.get('git', {}).get('commit')}; versions: "
         + ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items()),
         "",
