@@ -174,6 +174,16 @@ def assert_seeded_epochs(a, b, c) -> None:
     assert not np.array_equal(flat(a[0]), flat(a[1])) and not np.array_equal(flat(a[0]), flat(c[0]))
 
 
+def load_tool(name: str):
+    """The module ``tools/<name>.py`` (the tools are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tree_hashes(root) -> dict:
     """sha256 of every file under ``root`` (relative path -> digest), to check nothing changed."""
     root = Path(root)

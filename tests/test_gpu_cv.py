@@ -3,7 +3,6 @@ and logs back into fold folders) and the choice of step compilation per backend.
 
 from __future__ import annotations
 
-import importlib.util
 import io as _io
 import json
 import tarfile
@@ -11,16 +10,13 @@ import tarfile
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import load_tool
 from saltlib import data, io, train
 
 
 @pytest.fixture(scope="module")
 def gpu_cv():
-    spec = importlib.util.spec_from_file_location("gpu_cv", ROOT / "tools" / "gpu_cv.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("gpu_cv")
 
 
 def test_pack_round_trip(gpu_cv, synthetic24, tmp_path):

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import load_tool
 
 
 @pytest.fixture(scope="module")
 def nested_cv():
-    spec = importlib.util.spec_from_file_location("nested_cv", ROOT / "tools" / "nested_cv.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("nested_cv")
 
 
 def _case():
