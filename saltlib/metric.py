@@ -133,10 +133,11 @@ def _buckets(values, sorted_thr):
     return k
 
 
-def sweep_thresholds(truth, values, thresholds=None, min_sizes=(0,)):
-    """Score every cut-off (and optionally every small-mask size) and pick the best.
+def sweep_thresholds(truth, values, thresholds=None, min_sizes=(0,), peak_gates=()):
+    """Score every cut-off (and optionally every small-mask size and peak gate) and pick the best.
 
-    A prediction ``values > t`` whose area is below ``min_size`` pixels is emptied.
+    A prediction ``values > t`` whose area is below ``min_size`` pixels is emptied, and so is every
+    prediction of an image whose largest value is at most the peak gate ``g``.
 
     Args:
         truth: ``(N,H,W)`` masks.
@@ -144,10 +145,11 @@ def sweep_thresholds(truth, values, thresholds=None, min_sizes=(0,)):
         thresholds: cut-offs to try; default 50 points spanning the range of ``values``
             (0.02..0.98 for probabilities, -4..4 for logits).
         min_sizes: small-mask sizes (pixels) to try.
+        peak_gates: peak gates to try besides none (a gate is kept only where it scores higher).
     Returns:
-        dict with ``threshold``, ``min_size``, ``score`` (the best), and ``table``: an array of
-        shape ``(len(min_sizes), len(thresholds))`` of scores, plus the tried ``thresholds`` and
-        ``min_sizes``.
+        dict with ``threshold``, ``min_size``, ``peak_gate`` (None: no gate), ``score`` (the best),
+        and ``table``: an array of shape ``(len(min_sizes), len(thresholds))`` of scores at the
+        chosen gate, plus the tried ``thresholds`` and ``min_sizes``.
     """
     v = np.asarray(values)
     if thresholds is None:
@@ -157,16 +159,23 @@ def sweep_thresholds(truth, values, thresholds=None, min_sizes=(0,)):
             thresholds = np.linspace(-4, 4, 50)
     thresholds = np.asarray(thresholds, dtype=np.float64)
     inter, truth_area, pred_area = threshold_counts(truth, v, thresholds)
-    table = np.empty((len(min_sizes), len(thresholds)))
-    for i, m in enumerate(min_sizes):
-        keep = pred_area >= max(m, 1) if m else np.ones_like(pred_area, dtype=bool)
-        table[i] = scores_from_counts(inter * keep, truth_area, pred_area * keep).mean(axis=0)
-    i, j = np.unravel_index(np.argmax(table), table.shape)
+    peak = v.reshape(len(v), -1).max(axis=1) if len(v) else np.zeros(0)
+    best_table, best_gate = None, None
+    for gate in [None, *peak_gates]:
+        shown = np.ones((len(v), 1), bool) if gate is None else (peak > gate)[:, None]
+        table = np.empty((len(min_sizes), len(thresholds)))
+        for i, m in enumerate(min_sizes):
+            keep = shown & (pred_area >= m) if m else np.broadcast_to(shown, pred_area.shape)
+            table[i] = scores_from_counts(inter * keep, truth_area, pred_area * keep).mean(axis=0)
+        if best_table is None or table.max() > best_table.max():
+            best_table, best_gate = table, None if gate is None else float(gate)
+    i, j = np.unravel_index(np.argmax(best_table), best_table.shape)
     return {
         "threshold": float(thresholds[j]),
         "min_size": int(min_sizes[i]),
-        "score": float(table[i, j]),
-        "table": table,
+        "peak_gate": best_gate,
+        "score": float(best_table[i, j]),
+        "table": best_table,
         "thresholds": thresholds,
         "min_sizes": np.asarray(min_sizes),
     }

@@ -239,3 +239,21 @@ def test_nan_values_are_refused_on_both_paths(thresholds):
     values[3, 5, 7] = np.nan
     with pytest.raises(ValueError, match=r"NaN in 1 image\(s\), first at index 3"):
         metric.sweep_thresholds(truth, values, thresholds)
+
+
+def test_sweep_peak_gates_hand_case():
+    """Two images with the same 4-pixel prediction at logit 1: one is salt (its peak 3.0), one is
+    empty (peak 1.0). No cut-off in (0, 1) separates them; the gate 2.0 does, and a gate that
+    changes nothing is not chosen over none."""
+    truth = np.zeros((2, 4, 4), bool)
+    truth[0, :2, :2] = True
+    logits = np.full((2, 4, 4), -5.0)
+    logits[:, :2, :2] = 1.0
+    logits[0, 0, 0] = 3.0
+    thresholds = [0.0, 0.5]
+    r = metric.sweep_thresholds(truth, logits, thresholds)
+    assert r["score"] == 0.5 and r["peak_gate"] is None
+    r = metric.sweep_thresholds(truth, logits, thresholds, peak_gates=[-10.0, 2.0, 5.0])
+    assert r["score"] == 1.0 and r["peak_gate"] == 2.0 and r["table"].shape == (1, 2)
+    r = metric.sweep_thresholds(truth, logits, thresholds, min_sizes=[0, 5], peak_gates=[2.0])
+    assert (r["score"], r["min_size"], r["peak_gate"]) == (1.0, 0, 2.0)  # size 5 would empty the salt too

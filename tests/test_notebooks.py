@@ -148,6 +148,10 @@ def test_smoke_metrics_and_run_json(smoke_ok):
     assert post["threshold"] == metrics["threshold"] and post["min_size"] in (0, 10, 50)
     bundle = json.loads((run / "bundle" / "bundle.json").read_text())
     assert bundle["threshold"] == metrics["threshold"] and bundle["tta"] == metrics["tta"]
+    # the peak gates of smoke.yaml were tried; the one chosen (or none) reached the bundle
+    assert post["peak_gates"] == [0.0, 1.0] and metrics["peak_gate"] in (None, 0.0, 1.0)
+    assert bundle.get("peak_gate") == metrics["peak_gate"] == post["peak_gate"]
+    assert metrics["bundle_folds"] == [0] and bundle["meta"]["tuned_on_folds"] == [0]
 
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "finished" and info["error"] is None

@@ -42,14 +42,8 @@ def load_oof(run_dir, tta: bool = True):
 
 def tune(truth, logits, min_sizes, gates):
     """Best ``(score, threshold, min_size, gate)`` over the grid (gate None: no gate)."""
-    peak = logits.max(axis=(1, 2))
-    best = None
-    for g in [None, *gates]:
-        values = logits if g is None else np.where((peak > g)[:, None, None], logits, -1e4)
-        r = metric.sweep_thresholds(truth, values, THRESHOLDS, min_sizes)
-        if best is None or r["score"] > best[0]:
-            best = (r["score"], r["threshold"], r["min_size"], g)
-    return best
+    r = metric.sweep_thresholds(truth, logits, THRESHOLDS, min_sizes, gates)
+    return r["score"], r["threshold"], r["min_size"], r["peak_gate"]
 
 
 def nested(truth, logits, fold_of, min_sizes, gates):
