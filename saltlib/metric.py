@@ -12,6 +12,10 @@ import numpy as np
 IOU_THRESHOLDS = np.arange(0.5, 1.0, 0.05)
 
 
+#: the cut-offs notebook 03 and tools/nested_cv.py try, in logit units (0 is probability 0.5)
+LOGIT_THRESHOLDS = np.round(np.linspace(-4, 4, 81), 2)
+
+
 def _as_masks(a, name: str) -> np.ndarray:
     a = np.asarray(a)
     if a.ndim == 4 and a.shape[-1] == 1:

@@ -114,6 +114,35 @@ def save_model(model, cfg: dict, path) -> Path:
     return Path(path)
 
 
+def load_oof(models_dir, dataset, split: np.ndarray, folds) -> dict:
+    """The out-of-fold predictions that :func:`train_fold` saved (``fold<k>/oof.npz``), in one set.
+
+    Args:
+        models_dir: the run's model folder (``papermill_runs/<run>/models``).
+        dataset: the :class:`saltlib.data.SaltDataset` the folds were made from.
+        split: ``(N,)`` fold of each image of ``dataset`` (:func:`saltlib.data.kfold`).
+        folds: the folds to read.
+    Returns:
+        dict of arrays concatenated over ``folds``: ``idx`` (positions in ``dataset``), ``logits``
+        and ``logits_tta`` (float32 ``(M, H, W)``) and ``fold``.
+    Raises:
+        ValueError: a fold's saved ids are not that fold of ``split`` (another seed, n_folds or limit).
+    """
+    position = {i: k for k, i in enumerate(dataset.ids)}
+    out = {"idx": [], "logits": [], "logits_tta": [], "fold": []}
+    for f in folds:
+        path = Path(models_dir) / f"fold{f}" / "oof.npz"
+        z = np.load(path)
+        k = np.array([position[i] for i in z["ids"]])
+        if not (split[k] == f).all():
+            raise ValueError(f"{path}: out-of-fold ids differ from fold {f} of the split (seed, n_folds or limit changed?)")
+        out["idx"].append(k)
+        out["logits"].append(z["logits"].astype(np.float32))
+        out["logits_tta"].append(z["logits_tta"].astype(np.float32))
+        out["fold"].append(np.full(len(k), f))
+    return {key: np.concatenate(v) for key, v in out.items()}
+
+
 def predict_logits(model, images, batch_size: int = 64, tta: bool = False) -> np.ndarray:
     """Logits ``(N, H, W)`` float32 for ``(N, H, W, 1)`` images; ``tta`` averages in the
     left-right flipped prediction (flipped back)."""

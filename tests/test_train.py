@@ -377,3 +377,22 @@ def test_cli_train_reports_bad_params(tmp_path):
     assert proc.returncode == 2
     assert "parameter 'depth' must be <= 5" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_load_oof_gathers_folds_and_checks_the_split(tmp_path):
+    """Two folds' oof.npz (as train_fold writes them) read back in fold order, positions matching
+    the dataset; a file whose ids belong to another fold is refused, naming it."""
+    from types import SimpleNamespace
+
+    ds = SimpleNamespace(ids=np.array(["a", "b", "c", "d", "e"]))
+    split = np.array([1, 0, 1, 0, 1])
+    for f, ids in ((0, ["d", "b"]), (1, ["a", "c", "e"])):
+        (tmp_path / f"fold{f}").mkdir()
+        logits = np.full((len(ids), 2, 2), f, np.float16)
+        np.savez(tmp_path / f"fold{f}" / "oof.npz", ids=np.array(ids), logits=logits, logits_tta=logits + 0.5)
+    oof = train.load_oof(tmp_path, ds, split, [1, 0])
+    assert oof["idx"].tolist() == [0, 2, 4, 3, 1] and oof["fold"].tolist() == [1, 1, 1, 0, 0]
+    assert oof["logits"].dtype == np.float32 and oof["logits"][:, 0, 0].tolist() == [1, 1, 1, 0, 0]
+    assert oof["logits_tta"][:, 0, 0].tolist() == [1.5, 1.5, 1.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match=r"fold0.oof\.npz: out-of-fold ids differ from fold 0"):
+        train.load_oof(tmp_path, ds, np.zeros(5, int) + 1, [0])

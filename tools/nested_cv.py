@@ -18,31 +18,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from saltlib import data, metric, params, predict  # noqa: E402
-
-THRESHOLDS = np.round(np.linspace(-4, 4, 81), 2)  # as notebook 03
-
+from saltlib import data, metric, params, predict, train  # noqa: E402
 
 def load_oof(run_dir, tta: bool = True):
     """``(masks, logits, fold of each image)`` of every fold of the run, from its ``oof.npz`` files."""
     cfg = params.load(Path(run_dir) / "params.yaml")
     ds = data.load_train(cfg["data_dir"] or None, limit=cfg["limit"] or None)
-    split = data.kfold(ds, cfg["n_folds"], cfg["seed"])
-    position = {i: k for k, i in enumerate(ds.ids)}
-    idx, logits = [], []
-    for f in cfg["folds"]:
-        z = np.load(Path(run_dir) / "models" / f"fold{f}" / "oof.npz")
-        k = np.array([position[i] for i in z["ids"]])
-        assert (split[k] == f).all(), f"fold {f}: out-of-fold ids differ from the split"
-        idx.append(k)
-        logits.append(z["logits_tta" if tta else "logits"].astype(np.float32))
-    idx = np.concatenate(idx)
-    return ds.masks[idx], np.concatenate(logits), split[idx], cfg
+    oof = train.load_oof(Path(run_dir) / "models", ds, data.kfold(ds, cfg["n_folds"], cfg["seed"]), cfg["folds"])
+    return ds.masks[oof["idx"]], oof["logits_tta" if tta else "logits"], oof["fold"], cfg
 
 
 def tune(truth, logits, min_sizes, gates):
     """Best ``(score, threshold, min_size, gate)`` over the grid (gate None: no gate)."""
-    r = metric.sweep_thresholds(truth, logits, THRESHOLDS, min_sizes, gates)
+    r = metric.sweep_thresholds(truth, logits, metric.LOGIT_THRESHOLDS, min_sizes, gates)
     return r["score"], r["threshold"], r["min_size"], r["peak_gate"]
 
 
