@@ -85,6 +85,39 @@ def soft_dice(y_true, y_pred, smooth: float = 1.0):
     return 1.0 - (2.0 * inter + smooth) / (ops.sum(p, axis=1) + ops.sum(labels, axis=1) + smooth)
 
 
+def with_empty_head(loss, seg_weight: float = 0.5, image_weight: float = 0.1):
+    """The training loss of a model built with ``empty_head`` and ``aux_outputs``.
+
+    Deep supervision as in the top TGS solutions: the fused logits take ``loss`` on every image;
+    the decoder-only logits take ``loss`` on images with salt only (an empty mask gives them no
+    shape to learn); the image logit takes the binary cross-entropy of "salt present".
+
+    Args:
+        loss: a per-image loss ``(y_true, logits) -> (B,)`` such as :func:`lovasz_hinge`.
+        seg_weight: weight of the decoder-only term.
+        image_weight: weight of the image term.
+    Returns:
+        ``fn(y_true, y_pred) -> (B,)`` with ``y_true`` ``(B, H, W, 1)`` masks in {0, 1} and
+        ``y_pred`` ``(B, H, W, 3)`` logits: fused, decoder-only, image logit (repeated per pixel).
+    """
+
+    def head_loss(y_true, y_pred):
+        y_true = ops.cast(y_true, "float32")
+        y_pred = ops.cast(y_pred, "float32")
+        b = ops.shape(y_true)[0]
+        has_salt = ops.cast(ops.max(ops.reshape(y_true, (b, -1)), axis=1) > 0, "float32")
+        image_logit = y_pred[:, 0, 0, 2]
+        image_bce = ops.relu(image_logit) - image_logit * has_salt + ops.log1p(ops.exp(-ops.abs(image_logit)))
+        return (
+            loss(y_true, y_pred[..., 0:1])
+            + seg_weight * has_salt * loss(y_true, y_pred[..., 1:2])
+            + image_weight * image_bce
+        )
+
+    head_loss.__name__ = f"{getattr(loss, '__name__', 'loss')}_with_empty_head"
+    return head_loss
+
+
 LOSSES = {
     "bce": bce,
     "lovasz": lovasz_hinge,

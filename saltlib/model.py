@@ -2,12 +2,21 @@
 blocks (He et al. 2016) with batch normalization (Ioffe and Szegedy 2015). It runs at the native
 101x101 size: the decoder's transposed convolutions use ``valid`` padding where a skip connection
 has an odd size (6 -> 12 -> 25 -> 50 -> 101), so no padding or cropping is needed.
+
+With ``empty_head`` it also has an image-level head in the style of the top TGS solutions (deep
+supervision with an empty/non-empty classifier): the globally pooled bottleneck predicts whether the
+image holds salt, and its features reach every pixel of the final 1x1 convolution, so a whole image
+can be switched off at once. For training, ``aux_outputs`` stacks the heads as channels (see
+:func:`build_resnet_unet`); :func:`saltlib.losses.with_empty_head` is the matching loss.
 """
 
 from __future__ import annotations
 
 import keras
 from keras import layers
+
+#: width of the image-level features that ``empty_head`` broadcasts to every pixel
+IMAGE_FEATURES = 16
 
 
 def _bn_relu(x, name, dtype):
@@ -50,6 +59,8 @@ def build_resnet_unet(
     blocks_per_level: int = 2,
     dropout: float = 0.5,
     dtype_policy: str | None = None,
+    empty_head: bool = False,
+    aux_outputs: bool = False,
     name: str = "resnet_unet",
 ) -> keras.Model:
     """Build the ResNet-U-Net.
@@ -65,11 +76,23 @@ def build_resnet_unet(
             pooling); 0 disables dropout.
         dtype_policy: Keras dtype policy for the layers, e.g. ``"mixed_bfloat16"``; the output
             layer always computes in float32.
+        empty_head: add the image-level head: global average pooling of the bottleneck, a dense
+            layer ``image_fc`` (``IMAGE_FEATURES`` units, ReLU) whose features are broadcast to every
+            pixel and concatenated with the decoder's before the final ``logits`` convolution, and a
+            dense ``image_logit`` (salt present?) fed by ``image_fc``.
+        aux_outputs: with ``empty_head``, the training form: output ``(B, H, W, 3)`` with channel 0
+            the fused logits (the inference output), channel 1 ``seg_logits`` (a 1x1 convolution of
+            the decoder's features alone, for deep supervision on images with salt) and channel 2
+            the image logit repeated over the pixels. The inference form (False) has the same
+            layers less those two heads (``seg_logits``, ``image_logit``), so weights carry over
+            by layer name.
         name: model name.
     Returns:
         a ``keras.Model`` mapping ``(B, H, W, C)`` images in [0, 1] to ``(B, H, W, 1)`` float32
-        logits (apply a sigmoid for probabilities).
+        logits (apply a sigmoid for probabilities), or ``(B, H, W, 3)`` with ``aux_outputs``.
     """
+    if aux_outputs and not empty_head:
+        raise ValueError("aux_outputs needs empty_head=True (they are the image head's training outputs)")
     if depth < 1 or base_filters < 1 or blocks_per_level < 0 or not 0 <= dropout < 1:
         raise ValueError(
             f"bad model shape: depth={depth}, base_filters={base_filters}, "
@@ -86,6 +109,7 @@ def build_resnet_unet(
         if dropout:
             x = layers.Dropout(dropout / 2 if i == 0 else dropout, name=f"enc{i + 1}_drop", dtype=dt)(x)
     x = _level(x, base_filters * 2**depth, blocks_per_level, "middle", dt)
+    bottleneck = x
     for i in reversed(range(depth)):
         skip = skips[i]
         f = base_filters * 2**i
@@ -98,5 +122,21 @@ def build_resnet_unet(
         if dropout:
             x = layers.Dropout(dropout, name=f"dec{i + 1}_drop", dtype=dt)(x)
         x = _level(x, f, blocks_per_level, f"dec{i + 1}", dt)
-    outputs = layers.Conv2D(1, 1, name="logits", dtype="float32")(x)
+    if not empty_head:
+        outputs = layers.Conv2D(1, 1, name="logits", dtype="float32")(x)
+        return keras.Model(inputs, outputs, name=name)
+    h, w = input_shape[0], input_shape[1]
+    image = layers.GlobalAveragePooling2D(name="image_pool", dtype=dt)(bottleneck)
+    image = layers.Dense(IMAGE_FEATURES, activation="relu", name="image_fc", dtype=dt)(image)
+    image_logit = layers.Dense(1, name="image_logit", dtype="float32")(image)
+    spread = layers.Reshape((1, 1, IMAGE_FEATURES), name="image_reshape", dtype=dt)(image)
+    spread = layers.UpSampling2D((h, w), name="image_spread", dtype=dt)(spread)
+    fused = layers.Concatenate(name="fuse_concat", dtype=dt)([x, spread])
+    logits = layers.Conv2D(1, 1, name="logits", dtype="float32")(fused)
+    if not aux_outputs:
+        return keras.Model(inputs, logits, name=name)
+    seg_logits = layers.Conv2D(1, 1, name="seg_logits", dtype="float32")(x)
+    image_map = layers.Reshape((1, 1, 1), name="image_logit_reshape", dtype="float32")(image_logit)
+    image_map = layers.UpSampling2D((h, w), name="image_logit_spread", dtype="float32")(image_map)
+    outputs = layers.Concatenate(name="heads", dtype="float32")([logits, seg_logits, image_map])
     return keras.Model(inputs, outputs, name=name)

@@ -31,7 +31,7 @@ import numpy as np
 from . import io, metric, params
 
 TRAIN_KEYS = (
-    "seed", "n_folds", "base_filters", "depth", "blocks_per_level", "dropout", "mixed_precision",
+    "seed", "n_folds", "base_filters", "depth", "blocks_per_level", "dropout", "empty_head", "mixed_precision",
     "batch_size", "stages", "snapshots", "min_lr", "flip", "zoom", "p_zoom", "brightness", "val_every", "strategy",
 )
 #: training configuration defaults, taken from the parameter specification
@@ -54,9 +54,10 @@ def recipe(cfg: dict) -> dict:
 
 
 def recipe_diff(recorded: dict, cfg: dict) -> dict:
-    """Keys whose recorded value differs from ``cfg``'s, as ``{key: (recorded, cfg)}``."""
-    now = recipe(cfg)
-    return {k: (recorded.get(k), now[k]) for k in now if recorded.get(k) != now[k]}
+    """Keys whose recorded value differs from ``cfg``'s, as ``{key: (recorded, cfg)}``. A key that
+    a recipe recorded before it existed counts as its default (the behaviour of that time)."""
+    now, recorded = recipe(cfg), recipe({k: v for k, v in recorded.items() if k in TRAIN_KEYS})
+    return {k: (recorded[k], now[k]) for k in now if recorded[k] != now[k]}
 
 
 def _diff_text(diff: dict, here: str) -> str:
@@ -82,14 +83,16 @@ def build_model(cfg: dict, for_inference: bool = False):
 
     Args:
         cfg: training configuration (``base_filters``, ``depth``, ``blocks_per_level``,
-            ``dropout``, ``mixed_precision``).
-        for_inference: with ``mixed_precision``, keep the weights themselves in bfloat16
-            (``"bfloat16"`` policy): half the file size, and on fold 0 of the shipped model the
-            same score (0.7963 against 0.7962 with float32 weights). Training always keeps
-            float32 weights (``"mixed_bfloat16"``).
+            ``dropout``, ``empty_head``, ``mixed_precision``; missing keys take :data:`DEFAULTS`).
+        for_inference: the model that is saved and shipped. With ``mixed_precision`` it keeps
+            the weights themselves in bfloat16 (``"bfloat16"`` policy): half the file size, and on
+            fold 0 of the shipped model the same score (0.7963 against 0.7962 with float32
+            weights); training keeps float32 weights (``"mixed_bfloat16"``). With ``empty_head``
+            it outputs the fused logits alone; training adds the auxiliary outputs.
     """
     from .model import build_resnet_unet
 
+    cfg = {**DEFAULTS, **cfg}
     policy = None
     if cfg["mixed_precision"]:
         policy = "bfloat16" if for_inference else "mixed_bfloat16"
@@ -99,16 +102,20 @@ def build_model(cfg: dict, for_inference: bool = False):
         blocks_per_level=cfg["blocks_per_level"],
         dropout=cfg["dropout"],
         dtype_policy=policy,
+        empty_head=cfg["empty_head"],
+        aux_outputs=cfg["empty_head"] and not for_inference,
     )
 
 
 def save_model(model, cfg: dict, path) -> Path:
     """Save ``model`` as a ``.keras`` file for inference, atomically: no optimizer state (a third
     of the size) and, for mixed-precision models, bfloat16 weights (half again; see
-    :func:`build_model`). The weights are copied into a fresh, uncompiled model built from ``cfg``.
+    :func:`build_model`). The weights are copied, layer by layer by name, into a fresh, uncompiled
+    inference model built from ``cfg`` (which lacks any training-only output layer).
     """
     clean = build_model(cfg, for_inference=True)
-    clean.set_weights(model.get_weights())
+    for layer in clean.layers:
+        layer.set_weights(model.get_layer(layer.name).get_weights())
     with io.atomic_path(path) as tmp:
         clean.save(tmp)
     return Path(path)
@@ -311,9 +318,10 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
             schedule = keras.optimizers.schedules.CosineDecay(
                 lr, decay_steps=max(1, stage["epochs"] * steps), alpha=min(1.0, cfg["min_lr"] / lr)
             )
+            loss = losses.get_loss(stage["loss"])
             model.compile(
                 optimizer=keras.optimizers.Adam(schedule),
-                loss=losses.get_loss(stage["loss"]),
+                loss=losses.with_empty_head(loss) if cfg["empty_head"] else loss,
                 jit_compile=jit_compile(),
             )
         ds = augment.make_dataset(

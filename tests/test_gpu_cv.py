@@ -31,13 +31,15 @@ def test_pack_round_trip(gpu_cv, synthetic24, tmp_path):
     assert len(gpu_cv.load_packed(tmp_path / "train.npz", limit=5)) == 5
 
 
-def test_bfloat16_weights_survive_npz(gpu_cv, tmp_path):
+@pytest.mark.parametrize("empty_head", [False, True])
+def test_bfloat16_weights_survive_npz(gpu_cv, tmp_path, empty_head):
     """A mixed-precision model's saved file holds bfloat16 weights; ``np.savez`` stores those as
     raw 2-byte records (dtype V2), which ``set_weights`` cannot take. ``_float32`` reads them back
     as the same numbers, so export -> npz -> unpack rebuilds the saved model exactly."""
     import keras
 
-    cfg = {"base_filters": 4, "depth": 2, "blocks_per_level": 1, "dropout": 0.0, "mixed_precision": True}
+    cfg = {"base_filters": 4, "depth": 2, "blocks_per_level": 1, "dropout": 0.0, "mixed_precision": True,
+           "empty_head": empty_head}
     saved = train.save_model(train.build_model(cfg), cfg, tmp_path / "m.keras")
     weights = keras.saving.load_model(saved, compile=False).get_weights()
     np.savez(tmp_path / "w.npz", **{f"w{i:03d}": w for i, w in enumerate(weights)})
@@ -47,7 +49,7 @@ def test_bfloat16_weights_survive_npz(gpu_cv, tmp_path):
     assert all(b.dtype == np.float32 for b in back)
     for w, b in zip(weights, back):
         np.testing.assert_array_equal(np.asarray(w, np.float32), b)
-    rebuilt = train.build_model(cfg)
+    rebuilt = train.build_model(cfg, for_inference=True)  # as unpack does (no training-only heads)
     rebuilt.set_weights(back)
     x = np.random.default_rng(0).random((2, 101, 101, 1), dtype=np.float32)
     np.testing.assert_array_equal(train.predict_logits(rebuilt, x),

@@ -263,3 +263,48 @@ def test_get_loss_combines_terms(spec, terms):
 def test_get_loss_errors(spec, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("*", r"\*")):
         losses.get_loss(spec)
+
+
+# --------------------------------------------------------------------------- the empty-head loss
+def ref_empty_head(fn_ref, y, x3, seg_weight=0.5, image_weight=0.1):
+    """Per-image value of :func:`losses.with_empty_head` from the numpy references."""
+    out = []
+    for k in range(len(y)):
+        has = float(y[k].any())
+        z = float(x3[k, 0, 0, 2])
+        image_bce = np.logaddexp(0, z) - z * has
+        out.append(fn_ref(y[k], x3[k, ..., 0])[0] + seg_weight * has * fn_ref(y[k], x3[k, ..., 1])[0]
+                   + image_weight * image_bce)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("name", ["lovasz", "bce"])
+@pytest.mark.parametrize("seed", range(2))
+def test_empty_head_loss_matches_numpy(name, seed):
+    fn, ref = REFS[name]
+    y, x = batch(seed, channel=True)  # image 0 is empty: its decoder-only term must not count
+    rng = np.random.default_rng(seed)
+    seg = x + rng.normal(0, 1, x.shape).astype(np.float32)
+    image = np.broadcast_to(rng.normal(0, 2, (len(y), 1, 1, 1)), x.shape).astype(np.float32)
+    x3 = np.concatenate([x, seg, image], axis=-1)
+    values, grads = keras_value_and_grad(losses.with_empty_head(fn), y, x3)
+    np.testing.assert_allclose(values, ref_empty_head(ref, y, x3), rtol=1e-5, atol=1e-6)
+    assert not grads[0, ..., 1].any() and grads[2, ..., 1].any()  # empty image: no decoder-only gradient
+    # the image logit's gradient sits on the pixel the loss reads: sigmoid(z) - [salt present]
+    for k in range(len(y)):
+        expected = 0.1 * (1 / (1 + np.exp(-x3[k, 0, 0, 2])) - float(y[k].any()))
+        assert grads[k, 0, 0, 2] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+        assert np.count_nonzero(grads[k, ..., 2]) == 1
+
+
+def test_empty_head_loss_weights_and_name():
+    y, x = batch(0, channel=True)
+    x3 = np.concatenate([x, x, np.zeros_like(x)], axis=-1)
+    plain = np.asarray(losses.lovasz_hinge(y, x))
+    only_fused = np.asarray(losses.with_empty_head(losses.lovasz_hinge, seg_weight=0.0, image_weight=0.0)(y, x3))
+    np.testing.assert_allclose(only_fused, plain, rtol=1e-6)
+    # a zero image logit costs log 2 per image at any label
+    both = np.asarray(losses.with_empty_head(losses.lovasz_hinge, seg_weight=1.0, image_weight=1.0)(y, x3))
+    has = y.reshape(len(y), -1).any(axis=1)
+    np.testing.assert_allclose(both, plain * (1 + has) + np.log(2), rtol=1e-5)
+    assert losses.with_empty_head(losses.get_loss("0.5*bce+lovasz")).__name__ == "0.5xbce_plus_lovasz_with_empty_head"

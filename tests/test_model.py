@@ -113,3 +113,43 @@ def test_keras_save_load_round_trip(tmp_path, policy):
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError, match="bad model shape"):
         build_resnet_unet(**kwargs)
+
+
+# --------------------------------------------------------------------------- the empty head
+@pytest.mark.parametrize("size", [101, 64])
+def test_empty_head_shapes_and_layers(size):
+    from saltlib.model import IMAGE_FEATURES
+
+    kw = dict(input_shape=(size, size, 1), base_filters=4, depth=2, blocks_per_level=1, empty_head=True)
+    infer = build_resnet_unet(**kw)
+    train_form = build_resnet_unet(**kw, aux_outputs=True, dtype_policy="mixed_bfloat16")
+    x = images(3, size=size)
+    assert infer(x).shape == (3, size, size, 1)
+    out = np.asarray(train_form(x, training=False))
+    assert out.shape == (3, size, size, 3) and out.dtype == np.float32
+    # channel 2 is one image logit per image, repeated over the pixels
+    np.testing.assert_array_equal(out[..., 2], np.broadcast_to(out[:, :1, :1, 2], out[..., 2].shape))
+    # the final convolution sees the decoder's 4 channels and the image features
+    assert infer.get_layer("logits").kernel.shape == (1, 1, 4 + IMAGE_FEATURES, 1)
+    names = {layer.name for layer in infer.layers}
+    assert {"image_pool", "image_fc", "fuse_concat"} <= names
+    assert not {"seg_logits", "image_logit"} & names  # training outputs only
+    assert names <= {layer.name for layer in train_form.layers}  # weights carry over by name
+
+
+def test_empty_head_image_features_reach_every_pixel():
+    """The fused logits depend on the image head: changing image_fc's bias shifts every pixel."""
+    model = build_resnet_unet(base_filters=4, depth=2, blocks_per_level=1, dropout=0.0, empty_head=True)
+    x = images(2)
+    before = np.asarray(model(x))
+    fc = model.get_layer("image_fc")
+    fc.bias.assign(np.full(fc.bias.shape, 5.0, np.float32))
+    kernel = model.get_layer("logits").kernel
+    kernel.assign(np.ones(kernel.shape, np.float32))
+    after = np.asarray(model(x))
+    assert (np.abs(after - before) > 1e-3).mean() == 1.0
+
+
+def test_aux_outputs_need_the_empty_head():
+    with pytest.raises(ValueError, match="aux_outputs needs empty_head"):
+        build_resnet_unet(base_filters=4, depth=2, aux_outputs=True)

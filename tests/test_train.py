@@ -201,6 +201,34 @@ def test_more_stages_after_finished_ones_resume(trained, dataset, tmp_path):
     assert json.loads((work / "fold1" / "recipe.json").read_text()) == train.recipe(longer)
 
 
+def test_recipe_recorded_before_a_key_existed_reads_it_as_its_default():
+    """Folds recorded before ``empty_head`` existed (the shipped ones) still resume and are reused quietly."""
+    old = train.recipe(TINY)
+    del old["empty_head"]
+    assert train.recipe_diff(old, TINY) == {}
+    assert train.recipe_diff(old, {**TINY, "empty_head": True}) == {"empty_head": (False, True)}
+
+
+def test_empty_head_fold_trains_and_saves_the_inference_form(dataset, tmp_path):
+    ds, folds = dataset
+    cfg = {**TINY, "empty_head": True, "stages": [{"loss": "bce", "epochs": 1, "lr": 0.01},
+                                                   {"loss": "lovasz", "epochs": 1, "lr": 0.005}]}
+    summary = train.train_fold(ds, folds, 1, cfg, tmp_path, verbose=0)
+    fold_dir = tmp_path / "fold1"
+    assert json.loads((fold_dir / "recipe.json").read_text())["empty_head"] is True
+    assert np.isfinite(pd.read_csv(fold_dir / "history.csv")["loss"]).all()
+    model = keras.saving.load_model(fold_dir / "model.keras", compile=False, safe_mode=True)
+    assert model.output.shape[-1] == 1 and "image_fc" in {layer.name for layer in model.layers}
+    # the saved inference model is the trained one less the auxiliary outputs
+    trained_model = train.build_model(cfg)
+    trained_model.load_weights(fold_dir / "stage2.weights.h5")
+    x = ds.images[folds == 1]
+    full = np.asarray(trained_model.predict(x, verbose=0))
+    np.testing.assert_allclose(train.predict_logits(model, x), full[..., 0], atol=0.05, rtol=0.01)
+    oof = np.load(fold_dir / "oof.npz")
+    assert summary["val_score"] == pytest.approx(metric.competition_score(ds.masks[folds == 1], oof["logits"] > 0))
+
+
 def test_same_seed_same_result(trained, dataset, tmp_path):
     """Reproducibility. Measured on this CPU: bit-identical losses, logits and scores (the
     augmentation uses stateless per-batch seeds). The test allows 1e-5 on losses and 0.01 on

@@ -91,7 +91,9 @@ def probe(args) -> None:
     for jit in args.jit:
         for loss in args.losses:
             model = train.build_model(tcfg)
-            model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=losses.get_loss(loss), jit_compile=bool(jit))
+            fn = losses.get_loss(loss)
+            fn = losses.with_empty_head(fn) if tcfg.get("empty_head") else fn
+            model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=fn, jit_compile=bool(jit))
             t0 = time.time()
             model.fit(x[: args.batch], y[: args.batch], batch_size=args.batch, epochs=1, verbose=0)
             first = time.time() - t0
@@ -276,7 +278,7 @@ def unpack(args) -> None:
     for npz in sorted(Path(args.weights).glob("f*s*.npz")):
         fold, seed = (int(v) for v in npz.stem[1:].split("s"))
         z = np.load(npz)
-        model = train.build_model(tcfg)
+        model = train.build_model(tcfg, for_inference=True)  # the exported model.keras's layers
         model.set_weights([_float32(z[k]) for k in sorted(z.files)])
         dest = out / f"s{seed}" / f"fold{fold}"
         dest.mkdir(parents=True, exist_ok=True)
