@@ -69,12 +69,16 @@ def symmetric_lovasz(y_true, y_pred):
     return 0.5 * (lovasz_hinge(y_true, y_pred) + lovasz_hinge(1.0 - y_true, -ops.cast(y_pred, "float32")))
 
 
+def _bce_elementwise(labels, logits):
+    """Binary cross-entropy of each logit against its label, in the stable form
+    ``max(x, 0) - x * z + log(1 + exp(-|x|))``."""
+    return ops.relu(logits) - logits * labels + ops.log1p(ops.exp(-ops.abs(logits)))
+
+
 def bce(y_true, y_pred):
     """Binary cross-entropy on logits, averaged over the pixels of each image: ``(B,)``."""
     labels, logits = _flatten(y_true, y_pred)
-    # max(x, 0) - x * z + log(1 + exp(-|x|)), the stable form
-    per_pixel = ops.relu(logits) - logits * labels + ops.log1p(ops.exp(-ops.abs(logits)))
-    return ops.mean(per_pixel, axis=1)
+    return ops.mean(_bce_elementwise(labels, logits), axis=1)
 
 
 def soft_dice(y_true, y_pred, smooth: float = 1.0):
@@ -106,12 +110,10 @@ def with_empty_head(loss, seg_weight: float = 0.5, image_weight: float = 0.1):
         y_pred = ops.cast(y_pred, "float32")
         b = ops.shape(y_true)[0]
         has_salt = ops.cast(ops.max(ops.reshape(y_true, (b, -1)), axis=1) > 0, "float32")
-        image_logit = y_pred[:, 0, 0, 2]
-        image_bce = ops.relu(image_logit) - image_logit * has_salt + ops.log1p(ops.exp(-ops.abs(image_logit)))
         return (
             loss(y_true, y_pred[..., 0:1])
             + seg_weight * has_salt * loss(y_true, y_pred[..., 1:2])
-            + image_weight * image_bce
+            + image_weight * _bce_elementwise(has_salt, y_pred[:, 0, 0, 2])
         )
 
     head_loss.__name__ = f"{getattr(loss, '__name__', 'loss')}_with_empty_head"

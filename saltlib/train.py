@@ -107,6 +107,16 @@ def build_model(cfg: dict, for_inference: bool = False):
     )
 
 
+def stage_loss(cfg: dict, spec: str):
+    """The loss a stage compiles with: :func:`saltlib.losses.get_loss` of ``spec``, wrapped by
+    :func:`saltlib.losses.with_empty_head` for a model with ``empty_head`` (whose training form has
+    the auxiliary outputs)."""
+    from . import losses
+
+    loss = losses.get_loss(spec)
+    return losses.with_empty_head(loss) if {**DEFAULTS, **cfg}["empty_head"] else loss
+
+
 def save_model(model, cfg: dict, path) -> Path:
     """Save ``model`` as a ``.keras`` file for inference, atomically: no optimizer state (a third
     of the size) and, for mixed-precision models, bfloat16 weights (half again; see
@@ -250,7 +260,7 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
     """
     import keras
 
-    from . import augment, distribute, losses
+    from . import augment, distribute
 
     cfg = {**DEFAULTS, **cfg}
     bad = [s for s in cfg["snapshots"] if not 1 <= s < len(cfg["stages"])]
@@ -318,10 +328,9 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
             schedule = keras.optimizers.schedules.CosineDecay(
                 lr, decay_steps=max(1, stage["epochs"] * steps), alpha=min(1.0, cfg["min_lr"] / lr)
             )
-            loss = losses.get_loss(stage["loss"])
             model.compile(
                 optimizer=keras.optimizers.Adam(schedule),
-                loss=losses.with_empty_head(loss) if cfg["empty_head"] else loss,
+                loss=stage_loss(cfg, stage["loss"]),
                 jit_compile=jit_compile(),
             )
         ds = augment.make_dataset(

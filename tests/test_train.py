@@ -213,6 +213,8 @@ def test_empty_head_fold_trains_and_saves_the_inference_form(dataset, tmp_path):
     ds, folds = dataset
     cfg = {**TINY, "empty_head": True, "stages": [{"loss": "bce", "epochs": 1, "lr": 0.01},
                                                    {"loss": "lovasz", "epochs": 1, "lr": 0.005}]}
+    assert train.stage_loss(cfg, "bce").__name__ == "bce_with_empty_head"
+    assert train.stage_loss(TINY, "bce").__name__ == "bce"
     summary = train.train_fold(ds, folds, 1, cfg, tmp_path, verbose=0)
     fold_dir = tmp_path / "fold1"
     assert json.loads((fold_dir / "recipe.json").read_text())["empty_head"] is True

@@ -79,7 +79,7 @@ def probe(args) -> None:
     with the step compiled by XLA or run eagerly, to tell a slow GPU from a slow pipeline."""
     import keras
 
-    from saltlib import losses, train
+    from saltlib import train
 
     cfg, tcfg, _ = _config(args.params, 0)
     for key, value in (kv.split("=", 1) for kv in args.set):
@@ -91,9 +91,8 @@ def probe(args) -> None:
     for jit in args.jit:
         for loss in args.losses:
             model = train.build_model(tcfg)
-            fn = losses.get_loss(loss)
-            fn = losses.with_empty_head(fn) if tcfg.get("empty_head") else fn
-            model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=fn, jit_compile=bool(jit))
+            model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=train.stage_loss(tcfg, loss),
+                          jit_compile=bool(jit))
             t0 = time.time()
             model.fit(x[: args.batch], y[: args.batch], batch_size=args.batch, epochs=1, verbose=0)
             first = time.time() - t0
