@@ -97,17 +97,21 @@ def _time_reading(n: int) -> dict | None:
 
 
 def _training_twin(model):
-    """A ``mixed_bfloat16`` model of the same shape as a bundle model (read from its layer names)."""
+    """A ``mixed_bfloat16`` model of the same shape as a bundle model (read from its layer names),
+    in its training form: with the image head (``image_fc``) that is the three-output model."""
     from saltlib.model import build_resnet_unet
 
     names = [l.name for l in model.layers]
     drops = [l for l in model.layers if l.name == "enc2_drop"]
+    head = "image_fc" in names
     return build_resnet_unet(
         base_filters=model.get_layer("enc1_conv").filters,
-        depth=sum(n.endswith("_pool") for n in names),
+        depth=sum(bool(re.fullmatch(r"enc\d+_pool", n)) for n in names),  # not the image head's image_pool
         blocks_per_level=sum(n.startswith("enc1_res") and n.endswith("_conv1") for n in names),
         dropout=drops[0].rate if drops else 0.0,
         dtype_policy="mixed_bfloat16",
+        empty_head=head,
+        aux_outputs=head,
     )
 
 
@@ -157,7 +161,10 @@ def worker(spec: dict) -> dict:
     model = models[0]
     if res["dtype"] == "bfloat16":  # stored for inference in bfloat16; trained as mixed_bfloat16
         model = _training_twin(model)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=losses.get_loss("bce+lovasz"), jit_compile=False)
+    loss = losses.get_loss("bce+lovasz")
+    if model.output_shape[-1] == 3:  # the image head's training form (fused, decoder, image logits)
+        loss = losses.with_empty_head(loss)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, jit_compile=False)
     xs, ys = _synthetic(bs * 4, seed=2)
     batches = [(xs[i * bs:(i + 1) * bs], ys[i * bs:(i + 1) * bs]) for i in range(4)]
     t = time.perf_counter()

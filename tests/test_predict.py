@@ -403,3 +403,27 @@ def test_benchmark_quick(bundle_dir, tmp_path):
         assert row["train_img_s"] > 0 and row["infer_img_s"] > 0 and row["infer_tta_img_s"] > 0
         assert row["peak_rss_mb"] > 100
     assert res["projection"]["images"] == 18000 and res["projection"]["seconds"] > 0
+
+
+@pytest.mark.parametrize("empty_head", [False, True])
+def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head):
+    """A bfloat16 bundle model is timed through a mixed-bfloat16 twin of the same shape; a model with
+    the image head gets the head's three-output training form (and its loss), like `salt train`."""
+    import importlib.util
+
+    from saltlib.model import build_resnet_unet
+
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "benchmarks" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    stored = build_resnet_unet(base_filters=2, depth=2, blocks_per_level=1, dropout=0.1, empty_head=empty_head,
+                               dtype_policy="bfloat16")
+    twin = bench._training_twin(stored)
+    assert twin.output_shape == (None, 101, 101, 3 if empty_head else 1)
+    assert ("image_fc" in {l.name for l in twin.layers}) == empty_head
+    assert twin.get_layer("enc1_conv").filters == 2 and twin.get_layer("enc2_drop").rate == 0.1
+    # every stored layer is in the twin with the same weight shapes (the training form adds the
+    # decoder-only logits and the image logit)
+    for layer in stored.layers:
+        assert [w.shape for w in twin.get_layer(layer.name).weights] == [w.shape for w in layer.weights], layer.name
+    assert (twin.count_params() > stored.count_params()) == empty_head

@@ -5,7 +5,7 @@ on the same out-of-fold images it scores, so its CV score is a little optimistic
 scores the choice honestly: for each fold, the settings are tuned on the other folds' out-of-fold
 predictions and applied to this fold. It prints the nested score with and without the gate::
 
-    python tools/nested_cv.py papermill_runs/resunet16-cv5
+    python tools/nested_cv.py papermill_runs/resunet16-eh
 """
 
 from __future__ import annotations
