@@ -121,7 +121,7 @@ def worker(spec: dict) -> dict:
     import keras
     import numpy as np
 
-    from saltlib import losses, predict
+    from saltlib import predict, train
     from saltlib.model import build_resnet_unet
 
     res = {"name": spec["name"], "rss_after_import_mb": round(_rss_mb()[0], 1)}
@@ -161,9 +161,8 @@ def worker(spec: dict) -> dict:
     model = models[0]
     if res["dtype"] == "bfloat16":  # stored for inference in bfloat16; trained as mixed_bfloat16
         model = _training_twin(model)
-    loss = losses.get_loss("bce+lovasz")
-    if model.output_shape[-1] == 3:  # the image head's training form (fused, decoder, image logits)
-        loss = losses.with_empty_head(loss)
+    # the loss `salt train` compiles; the image head's training form has 3 outputs (fused, decoder, image)
+    loss = train.stage_loss({"empty_head": model.output_shape[-1] == 3}, "bce+lovasz")
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, jit_compile=False)
     xs, ys = _synthetic(bs * 4, seed=2)
     batches = [(xs[i * bs:(i + 1) * bs], ys[i * bs:(i + 1) * bs]) for i in range(4)]
