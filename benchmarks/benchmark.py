@@ -13,8 +13,9 @@ Configurations: ``bundle`` (``--model``, default the first ``models/*/bundle.jso
 ``reference``, shaped like the original repository's model (16 base filters, 101x101 input,
 two residual blocks per level, depth 4, float32, dropout 0.5). ``--configs`` adds variants of
 the reference, e.g. ``w32`` (32 base filters), ``w16-bf16`` (mixed bfloat16), ``w32-bf16``,
-``w16-b1`` (one residual block per level), ``w16-d3`` (depth 3). Padded 128x128 input is not
-supported by the model builder today and is not measured.
+``w16-b1`` (one residual block per level), ``w16-d3`` (depth 3), ``w16-bf16-x2`` (input enlarged
+to 202x202 inside the model, ``upscale: 2``). Padded 128x128 input is not supported by the model
+builder today and is not measured.
 
 The table gives ratios against the reference and a projection of the time the bundle needs to
 predict 18,000 images with flip TTA (model time plus PNG reading time measured on real test
@@ -104,6 +105,7 @@ def _training_twin(model):
     names = [l.name for l in model.layers]
     drops = [l for l in model.layers if l.name == "enc2_drop"]
     head = "image_fc" in names
+    upscale = model.get_layer("downscale").pool_size[0] if "downscale" in names else 1
     return build_resnet_unet(
         base_filters=model.get_layer("enc1_conv").filters,
         depth=sum(bool(re.fullmatch(r"enc\d+_pool", n)) for n in names),  # not the image head's image_pool
@@ -112,6 +114,7 @@ def _training_twin(model):
         dtype_policy="mixed_bfloat16",
         empty_head=head,
         aux_outputs=head,
+        upscale=upscale,
     )
 
 
@@ -137,12 +140,13 @@ def worker(spec: dict) -> dict:
         m = build_resnet_unet(
             base_filters=spec["base_filters"], depth=spec["depth"], blocks_per_level=spec["blocks_per_level"],
             dropout=spec["dropout"], dtype_policy="mixed_bfloat16" if spec["bf16"] else None,
+            upscale=spec.get("upscale", 1),
         )
         models = [m]
         b = predict.Bundle(models=models, tta=True)
         res.update(
             n_models=1, dtype="mixed_bfloat16" if spec["bf16"] else "float32",
-            shape={k: spec[k] for k in ("base_filters", "depth", "blocks_per_level", "dropout")},
+            shape={k: spec.get(k, 1) for k in ("base_filters", "depth", "blocks_per_level", "dropout", "upscale")},
         )
     res["params_per_model"] = int(models[0].count_params())
 
@@ -191,12 +195,13 @@ def default_bundle() -> Path | None:
 
 
 def parse_variant(text: str) -> dict:
-    """``w<filters>[-bf16][-b<blocks>][-d<depth>][-drop<rate>]`` -> a reference-like model spec."""
-    m = re.fullmatch(r"w(\d+)((?:-bf16|-fp32|-b\d+|-d\d+|-drop[0-9.]+)*)", text.strip())
+    """``w<filters>[-bf16][-b<blocks>][-d<depth>][-drop<rate>][-x<upscale>]`` -> a reference-like model spec."""
+    m = re.fullmatch(r"w(\d+)((?:-bf16|-fp32|-b\d+|-d\d+|-drop[0-9.]+|-x\d)*)", text.strip())
     if not m:
         if "128" in text or "pad" in text:
             raise SystemExit(f"--configs {text!r}: padded 128x128 input is not supported by saltlib.model today")
-        raise SystemExit(f"--configs {text!r}: expected w<filters>[-bf16][-b<blocks>][-d<depth>][-drop<rate>], e.g. w32-bf16")
+        raise SystemExit(f"--configs {text!r}: expected w<filters>[-bf16][-b<blocks>][-d<depth>][-drop<rate>][-x<upscale>],"
+                         " e.g. w32-bf16 or w16-bf16-x2")
     spec = dict(REFERENCE, base_filters=int(m.group(1)), name=text.strip())
     for part in filter(None, m.group(2).split("-")):
         if part == "bf16":
@@ -205,6 +210,8 @@ def parse_variant(text: str) -> dict:
             spec["bf16"] = False
         elif part.startswith("drop"):
             spec["dropout"] = float(part[4:])
+        elif part.startswith("x"):
+            spec["upscale"] = int(part[1:])
         elif part.startswith("b"):
             spec["blocks_per_level"] = int(part[1:])
         elif part.startswith("d"):

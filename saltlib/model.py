@@ -8,6 +8,11 @@ supervision with an empty/non-empty classifier): the globally pooled bottleneck 
 image holds salt, and its features reach every pixel of the final 1x1 convolution, so a whole image
 can be switched off at once. For training, ``aux_outputs`` stacks the heads as channels (see
 :func:`build_resnet_unet`); :func:`saltlib.losses.with_empty_head` is the matching loss.
+
+With ``upscale`` k > 1 the network works on the image enlarged k times (bilinear, inside the model,
+e.g. 101 -> 202 as several top TGS solutions did, for small salt bodies) and average-pools its
+logits back over k x k blocks, so the model still maps 101x101 images to 101x101 logits and
+everything around it (data, losses, bundles, ``salt predict``) is unchanged.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ def build_resnet_unet(
     dtype_policy: str | None = None,
     empty_head: bool = False,
     aux_outputs: bool = False,
+    upscale: int = 1,
     name: str = "resnet_unet",
 ) -> keras.Model:
     """Build the ResNet-U-Net.
@@ -86,6 +92,9 @@ def build_resnet_unet(
             the image logit repeated over the pixels. The inference form (False) has the same
             layers less those two heads (``seg_logits``, ``image_logit``), so weights carry over
             by layer name.
+        upscale: integer factor k: a bilinear ``upscale`` layer enlarges the input to
+            ``(k*H, k*W)``, the U-Net (and its head) run at that size, and a ``downscale`` layer
+            averages the output over k x k blocks back to ``(H, W)``. 1: no resizing layers.
         name: model name.
     Returns:
         a ``keras.Model`` mapping ``(B, H, W, C)`` images in [0, 1] to ``(B, H, W, 1)`` float32
@@ -93,14 +102,17 @@ def build_resnet_unet(
     """
     if aux_outputs and not empty_head:
         raise ValueError("aux_outputs needs empty_head=True (they are the image head's training outputs)")
-    if depth < 1 or base_filters < 1 or blocks_per_level < 0 or not 0 <= dropout < 1:
+    if depth < 1 or base_filters < 1 or blocks_per_level < 0 or not 0 <= dropout < 1 or upscale < 1:
         raise ValueError(
             f"bad model shape: depth={depth}, base_filters={base_filters}, "
-            f"blocks_per_level={blocks_per_level}, dropout={dropout}"
+            f"blocks_per_level={blocks_per_level}, dropout={dropout}, upscale={upscale}"
         )
     dt = dtype_policy
     inputs = keras.Input(shape=input_shape, name="image")
+    h, w = input_shape[0] * upscale, input_shape[1] * upscale
     x = inputs
+    if upscale > 1:
+        x = layers.Resizing(h, w, interpolation="bilinear", name="upscale")(x)
     skips = []
     for i in range(depth):
         x = _level(x, base_filters * 2**i, blocks_per_level, f"enc{i + 1}", dt)
@@ -124,8 +136,7 @@ def build_resnet_unet(
         x = _level(x, f, blocks_per_level, f"dec{i + 1}", dt)
     if not empty_head:
         outputs = layers.Conv2D(1, 1, name="logits", dtype="float32")(x)
-        return keras.Model(inputs, outputs, name=name)
-    h, w = input_shape[0], input_shape[1]
+        return keras.Model(inputs, _downscale(outputs, upscale), name=name)
     image = layers.GlobalAveragePooling2D(name="image_pool", dtype=dt)(bottleneck)
     image = layers.Dense(IMAGE_FEATURES, activation="relu", name="image_fc", dtype=dt)(image)
     image_logit = layers.Dense(1, name="image_logit", dtype="float32")(image)
@@ -134,9 +145,16 @@ def build_resnet_unet(
     fused = layers.Concatenate(name="fuse_concat", dtype=dt)([x, spread])
     logits = layers.Conv2D(1, 1, name="logits", dtype="float32")(fused)
     if not aux_outputs:
-        return keras.Model(inputs, logits, name=name)
+        return keras.Model(inputs, _downscale(logits, upscale), name=name)
     seg_logits = layers.Conv2D(1, 1, name="seg_logits", dtype="float32")(x)
     image_map = layers.Reshape((1, 1, 1), name="image_logit_reshape", dtype="float32")(image_logit)
     image_map = layers.UpSampling2D((h, w), name="image_logit_spread", dtype="float32")(image_map)
     outputs = layers.Concatenate(name="heads", dtype="float32")([logits, seg_logits, image_map])
-    return keras.Model(inputs, outputs, name=name)
+    return keras.Model(inputs, _downscale(outputs, upscale), name=name)
+
+
+def _downscale(x, upscale: int):
+    """Average ``(B, k*H, k*W, C)`` logits over k x k blocks to ``(B, H, W, C)`` (k = ``upscale``)."""
+    if upscale == 1:
+        return x
+    return layers.AveragePooling2D(upscale, name="downscale", dtype="float32")(x)

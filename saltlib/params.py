@@ -128,6 +128,8 @@ SPEC: dict[str, Param] = {
     "blocks_per_level": Param(int, 2, "residual blocks per level", _range(0, 8)),
     "dropout": Param(float, 0.25, "dropout rate after pooling and skip concatenation", _range(0.0, 1.0, hi_open=True)),
     "empty_head": Param(bool, False, "image-level salt/no-salt head fused into the output, with deep supervision"),
+    "upscale": Param(int, 1, "enlarge the 101x101 input k times inside the model (bilinear; 2: 202x202) and "
+                     "average the logits back (1 = native size)", _range(1, 4)),
     "mixed_precision": Param(bool, True, "bfloat16 compute with float32 weights (about 2x faster on AVX512-BF16 CPUs)"),
     # training
     "batch_size": Param(int, 32, "images per step (per replica)", _range(1, 4096)),

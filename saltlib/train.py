@@ -31,8 +31,9 @@ import numpy as np
 from . import io, metric, params
 
 TRAIN_KEYS = (
-    "seed", "n_folds", "base_filters", "depth", "blocks_per_level", "dropout", "empty_head", "mixed_precision",
-    "batch_size", "stages", "snapshots", "min_lr", "flip", "zoom", "p_zoom", "brightness", "val_every", "strategy",
+    "seed", "n_folds", "base_filters", "depth", "blocks_per_level", "dropout", "empty_head", "upscale",
+    "mixed_precision", "batch_size", "stages", "snapshots", "min_lr", "flip", "zoom", "p_zoom", "brightness",
+    "val_every", "strategy",
 )
 #: training configuration defaults, taken from the parameter specification
 DEFAULTS = {k: v for k, v in params.defaults().items() if k in TRAIN_KEYS}
@@ -83,7 +84,7 @@ def build_model(cfg: dict, for_inference: bool = False):
 
     Args:
         cfg: training configuration (``base_filters``, ``depth``, ``blocks_per_level``,
-            ``dropout``, ``empty_head``, ``mixed_precision``; missing keys take :data:`DEFAULTS`).
+            ``dropout``, ``empty_head``, ``upscale``, ``mixed_precision``; missing keys take :data:`DEFAULTS`).
         for_inference: the model that is saved and shipped. With ``mixed_precision`` it keeps
             the weights themselves in bfloat16 (``"bfloat16"`` policy): half the file size, and on
             fold 0 of the shipped model the same score (0.7963 against 0.7962 with float32
@@ -104,6 +105,7 @@ def build_model(cfg: dict, for_inference: bool = False):
         dtype_policy=policy,
         empty_head=cfg["empty_head"],
         aux_outputs=cfg["empty_head"] and not for_inference,
+        upscale=cfg["upscale"],
     )
 
 

@@ -153,3 +153,36 @@ def test_empty_head_image_features_reach_every_pixel():
 def test_aux_outputs_need_the_empty_head():
     with pytest.raises(ValueError, match="aux_outputs needs empty_head"):
         build_resnet_unet(base_filters=4, depth=2, aux_outputs=True)
+
+
+# --------------------------------------------------------------------------- upscale
+@pytest.mark.parametrize("upscale,empty_head", [(2, False), (2, True), (3, False)])
+def test_upscale_runs_the_unet_larger_and_averages_back(upscale, empty_head, tmp_path):
+    """101x101 in and out; inside, the U-Net (and the head) run at k*101, and the output is the mean of
+    each k x k block of the full-size logits (checked against numpy)."""
+    model = build_resnet_unet(base_filters=2, depth=2, blocks_per_level=1, dropout=0.0, empty_head=empty_head,
+                              upscale=upscale)
+    size = 101 * upscale
+    assert model.get_layer("upscale").output.shape[1:3] == (size, size)
+    assert model.get_layer("enc1_conv").output.shape[1:3] == (size, size)
+    x = images(2)
+    out = np.asarray(model(x))
+    assert out.shape == (2, 101, 101, 1)
+    full = np.asarray(keras.Model(model.input, model.get_layer("logits").output)(x))
+    assert full.shape == (2, size, size, 1)
+    blocks = full.reshape(2, 101, upscale, 101, upscale, 1).mean(axis=(2, 4))
+    np.testing.assert_allclose(out, blocks, rtol=1e-5, atol=1e-5)
+    if empty_head:
+        train_form = build_resnet_unet(base_filters=2, depth=2, blocks_per_level=1, empty_head=True,
+                                       aux_outputs=True, upscale=upscale)
+        assert train_form.output_shape == (None, 101, 101, 3)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    np.testing.assert_allclose(np.asarray(keras.saving.load_model(path)(x)), out, rtol=1e-5, atol=1e-5)
+
+
+def test_upscale_one_adds_no_layers_and_zero_is_rejected():
+    names = {layer.name for layer in build_resnet_unet(base_filters=2, depth=2, upscale=1).layers}
+    assert not {"upscale", "downscale"} & names
+    with pytest.raises(ValueError, match="upscale=0"):
+        build_resnet_unet(base_filters=2, depth=2, upscale=0)

@@ -405,8 +405,8 @@ def test_benchmark_quick(bundle_dir, tmp_path):
     assert res["projection"]["images"] == 18000 and res["projection"]["seconds"] > 0
 
 
-@pytest.mark.parametrize("empty_head", [False, True])
-def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head):
+@pytest.mark.parametrize("empty_head,upscale", [(False, 1), (True, 1), (True, 2)])
+def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head, upscale):
     """A bfloat16 bundle model is timed through a mixed-bfloat16 twin of the same shape; a model with
     the image head gets the head's three-output training form (and its loss), like `salt train`."""
     import importlib.util
@@ -417,8 +417,9 @@ def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     stored = build_resnet_unet(base_filters=2, depth=2, blocks_per_level=1, dropout=0.1, empty_head=empty_head,
-                               dtype_policy="bfloat16")
+                               dtype_policy="bfloat16", upscale=upscale)
     twin = bench._training_twin(stored)
+    assert twin.get_layer("enc1_conv").output.shape[1] == 101 * upscale
     assert twin.output_shape == (None, 101, 101, 3 if empty_head else 1)
     assert ("image_fc" in {l.name for l in twin.layers}) == empty_head
     assert twin.get_layer("enc1_conv").filters == 2 and twin.get_layer("enc2_drop").rate == 0.1
@@ -427,3 +428,20 @@ def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head):
     for layer in stored.layers:
         assert [w.shape for w in twin.get_layer(layer.name).weights] == [w.shape for w in layer.weights], layer.name
     assert (twin.count_params() > stored.count_params()) == empty_head
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("w32", {"base_filters": 32, "bf16": False}),
+    ("w16-bf16-x2", {"base_filters": 16, "bf16": True, "upscale": 2}),
+    ("w16-b1-d3-drop0.1", {"blocks_per_level": 1, "depth": 3, "dropout": 0.1}),
+])
+def test_benchmark_variants(text, expected):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "benchmarks" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    got = bench.parse_variant(text)
+    assert {k: got[k] for k in expected} == expected and got["name"] == text
+    with pytest.raises(SystemExit, match="expected w<filters>"):
+        bench.parse_variant(text + "-q")
