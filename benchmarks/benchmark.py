@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROJECTION_IMAGES = 18_000
 PROJECTION_LIMIT_S = 600.0
-REFERENCE = {"base_filters": 16, "depth": 4, "blocks_per_level": 2, "dropout": 0.5, "bf16": False}
+REFERENCE = {"base_filters": 16, "depth": 4, "blocks_per_level": 2, "dropout": 0.5, "bf16": False, "upscale": 1}
 
 
 # --------------------------------------------------------------------------- worker (one subprocess)
@@ -140,13 +140,13 @@ def worker(spec: dict) -> dict:
         m = build_resnet_unet(
             base_filters=spec["base_filters"], depth=spec["depth"], blocks_per_level=spec["blocks_per_level"],
             dropout=spec["dropout"], dtype_policy="mixed_bfloat16" if spec["bf16"] else None,
-            upscale=spec.get("upscale", 1),
+            upscale=spec["upscale"],
         )
         models = [m]
         b = predict.Bundle(models=models, tta=True)
         res.update(
             n_models=1, dtype="mixed_bfloat16" if spec["bf16"] else "float32",
-            shape={k: spec.get(k, 1) for k in ("base_filters", "depth", "blocks_per_level", "dropout", "upscale")},
+            shape={k: spec[k] for k in ("base_filters", "depth", "blocks_per_level", "dropout", "upscale")},
         )
     res["params_per_model"] = int(models[0].count_params())
 
