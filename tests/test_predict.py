@@ -405,17 +405,23 @@ def test_benchmark_quick(bundle_dir, tmp_path):
     assert res["projection"]["images"] == 18000 and res["projection"]["seconds"] > 0
 
 
-@pytest.mark.parametrize("empty_head,upscale", [(False, 1), (True, 1), (True, 2)])
-def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head, upscale):
-    """A bfloat16 bundle model is timed through a mixed-bfloat16 twin of the same shape; a model with
-    the image head gets the head's three-output training form (and its loss), like `salt train`."""
+def _benchmark_module():
+    """benchmarks/benchmark.py imported as a module (it is a script, not part of a package)."""
     import importlib.util
-
-    from saltlib.model import build_resnet_unet
 
     spec = importlib.util.spec_from_file_location("benchmark", ROOT / "benchmarks" / "benchmark.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize("empty_head,upscale", [(False, 1), (True, 1), (True, 2)])
+def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head, upscale):
+    """A bfloat16 bundle model is timed through a mixed-bfloat16 twin of the same shape; a model with
+    the image head gets the head's three-output training form (and its loss), like `salt train`."""
+    from saltlib.model import build_resnet_unet
+
+    bench = _benchmark_module()
     stored = build_resnet_unet(base_filters=2, depth=2, blocks_per_level=1, dropout=0.1, empty_head=empty_head,
                                dtype_policy="bfloat16", upscale=upscale)
     twin = bench._training_twin(stored)
@@ -436,11 +442,7 @@ def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head, upscal
     ("w16-b1-d3-drop0.1", {"blocks_per_level": 1, "depth": 3, "dropout": 0.1}),
 ])
 def test_benchmark_variants(text, expected):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "benchmarks" / "benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module()
     got = bench.parse_variant(text)
     assert {k: got[k] for k in expected} == expected and got["name"] == text
     with pytest.raises(SystemExit, match="expected w<filters>"):
