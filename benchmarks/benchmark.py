@@ -97,9 +97,10 @@ def _time_reading(n: int) -> dict | None:
     return {"images": len(paths), "s_per_image": (time.perf_counter() - t) / len(paths), "folder": str(folder)}
 
 
-def _training_twin(model):
-    """A ``mixed_bfloat16`` model of the same shape as a bundle model (read from its layer names),
-    in its training form: with the image head (``image_fc``) that is the three-output model."""
+def _training_twin(model, bf16: bool):
+    """A model of the same shape as a bundle model (read from its layer names), in its training
+    form: with the image head (``image_fc``) that is the three-output model. ``bf16``: in
+    ``mixed_bfloat16`` (how ``mixed_precision: true`` trains), else float32."""
     from saltlib.model import build_resnet_unet
 
     names = [l.name for l in model.layers]
@@ -111,7 +112,7 @@ def _training_twin(model):
         depth=sum(bool(re.fullmatch(r"enc\d+_pool", n)) for n in names),  # not the image head's image_pool
         blocks_per_level=sum(n.startswith("enc1_res") and n.endswith("_conv1") for n in names),
         dropout=drops[0].rate if drops else 0.0,
-        dtype_policy="mixed_bfloat16",
+        dtype_policy="mixed_bfloat16" if bf16 else None,
         empty_head=head,
         aux_outputs=head,
         upscale=upscale,
@@ -124,7 +125,7 @@ def worker(spec: dict) -> dict:
     import keras
     import numpy as np
 
-    from saltlib import predict, train
+    from saltlib import hardware, predict, train
     from saltlib.model import build_resnet_unet
 
     res = {"name": spec["name"], "rss_after_import_mb": round(_rss_mb()[0], 1)}
@@ -163,8 +164,9 @@ def worker(spec: dict) -> dict:
     # training: one model of this shape, batch `batch_size`, timed after warm-up steps
     bs, warm, steps = spec["batch_size"], spec["warmup_steps"], spec["train_steps"]
     model = models[0]
-    if res["dtype"] == "bfloat16":  # stored for inference in bfloat16; trained as mixed_bfloat16
-        model = _training_twin(model)
+    if spec.get("bundle"):  # stored in inference form; trained in mixed_bfloat16 where it is native
+        model = _training_twin(model, bf16=hardware.native_bfloat16())
+        res["train_dtype"] = "mixed_bfloat16" if hardware.native_bfloat16() else "float32"
     # the loss `salt train` compiles; the image head's training form has 3 outputs (fused, decoder, image)
     loss = train.stage_loss({"empty_head": model.output_shape[-1] == 3}, "bce+lovasz")
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, jit_compile=False)
@@ -244,7 +246,7 @@ def print_table(rows: list[dict], ref: dict | None) -> list[dict]:
         ("config", lambda r: r["name"], 14),
         ("models", lambda r: str(r["n_models"]), 6),
         ("params/model", lambda r: f"{r['params_per_model']:,}", 12),
-        ("dtype", lambda r: r["dtype"].replace("mixed_", ""), 9),
+        ("dtype", lambda r: r["dtype"].replace("mixed_", ""), 9),  # inference (training: train_dtype if given)
         ("train img/s", lambda r: _fmt(r["train_img_s"]), 11),
         ("infer img/s", lambda r: _fmt(r["infer_img_s"]), 11),
         ("infer+TTA img/s", lambda r: _fmt(r["infer_tta_img_s"]), 15),
@@ -292,7 +294,11 @@ def projection(bundle_row: dict) -> dict:
 
 
 def machine_info() -> dict:
-    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    sys.path.insert(0, str(ROOT))
+    from saltlib import hardware
+
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "bfloat16": hardware.describe()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -370,7 +376,7 @@ def main(argv=None) -> int:
 
     info = machine_info()
     print(f"machine: {info.get('cpu', '?')}, {info['cpu_count']} cores; TensorFlow {info.get('tensorflow', '?')}, "
-          f"Keras {info.get('keras', '?')}")
+          f"Keras {info.get('keras', '?')}; {info['bfloat16']}")
     print(f"training: batch {common['batch_size']}, {common['warmup_steps']} warm-up + {common['train_steps']} timed "
           f"steps, synthetic data, bce+lovasz; inference: {common['infer_images']} images, batch "
           f"{common['infer_batch_size']}{' (QUICK: figures are rough)' if q else ''}")

@@ -53,7 +53,8 @@ def _cmd_runs(args) -> int:
 def _cmd_predict(args) -> int:
     from . import predict
 
-    out = predict.predict_folder(args.model, args.images, args.out, batch_size=args.batch_size)
+    out = predict.predict_folder(args.model, args.images, args.out, batch_size=args.batch_size,
+                                 compute_dtype=args.compute_dtype)
     print(f"wrote {out}")
     return 0
 
@@ -116,6 +117,9 @@ def main(argv=None) -> int:
     p.add_argument("--images", required=True, help="folder of 101x101 PNGs")
     p.add_argument("--out", required=True, help="submission CSV to write")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--compute-dtype", choices=("auto", "float32", "stored"), default="auto",
+                   help="auto (default): bfloat16 models compute in float32 unless the CPU/GPU has native bfloat16; "
+                        "float32: always; stored: as stored")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("data", help="find (or download from Kaggle) the data folder and check every file")

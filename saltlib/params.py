@@ -67,6 +67,10 @@ def _one_of(*choices):
     return check
 
 
+def _bool_or_auto(v):
+    return None if isinstance(v, bool) or v == "auto" else "must be true, false or auto"
+
+
 def _number_list(v):
     for x in v:
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not _finite(x):
@@ -130,7 +134,9 @@ SPEC: dict[str, Param] = {
     "empty_head": Param(bool, False, "image-level salt/no-salt head fused into the output, with deep supervision"),
     "upscale": Param(int, 1, "enlarge the 101x101 input k times inside the model (bilinear; 2: 202x202) and "
                      "average the logits back (1 = native size)", _range(1, 4)),
-    "mixed_precision": Param(bool, True, "bfloat16 compute with float32 weights (about 2x faster on AVX512-BF16 CPUs)"),
+    "mixed_precision": Param((bool, str), "auto", "bfloat16 compute with float32 weights: true, false, or auto (bfloat16 "
+                             "where the CPU has AVX512-BF16/AMX or the GPU is Ampere or newer; elsewhere it is emulated "
+                             "and slower than float32)", _bool_or_auto),
     # training
     "batch_size": Param(int, 32, "images per step (per replica)", _range(1, 4096)),
     "stages": Param(list, [{"loss": "bce", "epochs": 30, "lr": 0.003}, {"loss": "lovasz", "epochs": 30, "lr": 0.001}],
@@ -168,6 +174,10 @@ def _type_ok(value, kind) -> bool:
     return isinstance(value, kind)
 
 
+def _type_name(kind) -> str:
+    return " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+
+
 def check(values: dict, source: str = "parameters") -> dict:
     """Check parameter values against :data:`SPEC`.
 
@@ -190,7 +200,7 @@ def check(values: dict, source: str = "parameters") -> dict:
         p = SPEC[key]
         if not _type_ok(value, p.type):
             raise ParamError(
-                f"{source}: parameter {key!r} must be {p.type.__name__}, got {type(value).__name__} {value!r}"
+                f"{source}: parameter {key!r} must be {_type_name(p.type)}, got {type(value).__name__} {value!r}"
             )
         if p.type is float:
             value = float(value)

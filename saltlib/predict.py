@@ -135,10 +135,15 @@ class Bundle:
         """:meth:`predict_logits` then :func:`postprocess` with the bundle's settings: bool ``(N,101,101)``."""
         return postprocess(self.predict_logits(images, batch_size), self.threshold, self.min_size, self.peak_gate)
 
+    @property
+    def compute_dtype(self) -> str:
+        """``"bfloat16"`` if any model computes in bfloat16, else ``"float32"``."""
+        return "bfloat16" if any(_computes_bfloat16(m) for m in self.models) else "float32"
+
     def describe(self) -> str:
-        """One line: number of models, TTA, threshold, min_size and folder."""
+        """One line: number of models, compute dtype, TTA, threshold, min_size and folder."""
         return (
-            f"bundle {self.path}: {len(self.models)} model(s), tta={self.tta}, "
+            f"bundle {self.path}: {len(self.models)} model(s) computing in {self.compute_dtype}, tta={self.tta}, "
             f"threshold={self.threshold:g}, min_size={self.min_size}"
             + (f", peak_gate={self.peak_gate:g}" if self.peak_gate is not None else "")
         )
@@ -301,14 +306,45 @@ def read_bundle_spec(path) -> dict:
     return spec
 
 
-def load_bundle(path) -> Bundle:
+def _float32_twin(model):
+    """The same network computing in float32: ``model``'s config with every bfloat16 dtype policy
+    replaced by ``"float32"``, rebuilt, with the weights cast to float32 (exactly: bfloat16 is a
+    truncated float32). Logits differ from the bfloat16 model's only by its rounding."""
+    import keras
+
+    def fix(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" and "bfloat16" in str((node.get("config") or {}).get("name")):
+                node["config"]["name"] = "float32"
+            for v in node.values():
+                fix(v)
+        elif isinstance(node, list):
+            for v in node:
+                fix(v)
+
+    config = model.get_config()
+    fix(config)
+    twin = model.__class__.from_config(config)
+    twin.set_weights([np.asarray(keras.ops.convert_to_numpy(w), np.float32) for w in model.weights])
+    return twin
+
+
+def _computes_bfloat16(model) -> bool:
+    return any("bfloat16" in str(layer.dtype_policy.compute_dtype) for layer in model.layers)
+
+
+def load_bundle(path, compute_dtype: str = "auto") -> Bundle:
     """Load a model bundle folder written by :func:`write_bundle`.
 
     Models load with ``keras.saving.load_model(p, compile=False, safe_mode=True)`` (no arbitrary
-    code, no pickle).
+    code, no pickle). Models stored in bfloat16 (mixed-precision recipes) compute in bfloat16
+    only where the machine does so natively (:func:`saltlib.hardware.native_bfloat16`): elsewhere
+    it is emulated and slower than float32, so they are rebuilt to compute in float32.
 
     Args:
         path: the bundle folder.
+        compute_dtype: ``"auto"`` (as above), ``"float32"`` (always rebuild bfloat16 models in
+            float32) or ``"stored"`` (compute as stored).
     Returns:
         a :class:`Bundle`.
     Raises:
@@ -316,9 +352,13 @@ def load_bundle(path) -> Bundle:
             (bad JSON, missing/unknown keys, wrong types), a listed model file that is missing,
             damaged or cannot be loaded, or a model with the wrong input/output shape.
     """
+    if compute_dtype not in ("auto", "float32", "stored"):
+        raise ValueError(f"compute_dtype must be 'auto', 'float32' or 'stored', got {compute_dtype!r}")
     path = Path(path)
     spec = read_bundle_spec(path)  # before importing Keras: an incomplete folder fails in milliseconds
     import keras
+
+    from . import hardware
 
     models = []
     for m in spec["models"]:
@@ -333,6 +373,10 @@ def load_bundle(path) -> Bundle:
             raise BundleError(
                 f"model {f} maps {in_shape} to {out_shape}; a salt model maps {INPUT_SHAPE} images to {INPUT_SHAPE} logits"
             )
+        if _computes_bfloat16(model) and (
+            compute_dtype == "float32" or (compute_dtype == "auto" and not hardware.native_bfloat16())
+        ):
+            model = _float32_twin(model)
         models.append(model)
     return Bundle(
         models=models,
@@ -442,7 +486,7 @@ def _check_writable(out_csv: Path) -> None:
 
 
 def predict_folder(model_dir, images_dir, out_csv, batch_size: int = 64, chunk_size: int = CHUNK_SIZE,
-                   verbose: bool = True) -> Path:
+                   verbose: bool = True, compute_dtype: str = "auto") -> Path:
     """Predict every ``*.png`` in a folder with a bundle and write a Kaggle submission.
 
     Order of work: check the bundle's files (fails fast on an incomplete bundle), list the
@@ -458,6 +502,8 @@ def predict_folder(model_dir, images_dir, out_csv, batch_size: int = 64, chunk_s
         batch_size: images per forward pass.
         chunk_size: images predicted between progress lines (bounds the logits held in memory).
         verbose: print progress (one line per chunk with images/s).
+        compute_dtype: passed to :func:`load_bundle` (``"auto"``: bfloat16 models compute in
+            float32 where the machine has no native bfloat16).
     Returns:
         ``out_csv`` as a Path.
     Raises:
@@ -476,7 +522,7 @@ def predict_folder(model_dir, images_dir, out_csv, batch_size: int = 64, chunk_s
     ids = data.list_pngs(images_dir)
     if not ids:
         raise DataError(f"no PNG files in {images_dir}")
-    bundle = load_bundle(model_dir)
+    bundle = load_bundle(model_dir, compute_dtype=compute_dtype)
     log(f"{bundle.describe()} (loaded in {time.time() - t0:.1f} s)")
     t1 = time.time()
     images = data.read_images([images_dir / f"{i}.png" for i in ids])

@@ -47,7 +47,7 @@ def test_exactly_one_parameters_cell_typed_and_commented(path):
     assert cell.cell_type == "code"
     for line in cell.source.splitlines():
         if re.match(r"^\w", line):  # a parameter's first line (a long list may continue on indented lines)
-            assert re.match(r"^\w+: (int|float|bool|str|list) = .+", line), (
+            assert re.match(r'^\w+: (int|float|bool|str|list|"Union\[bool, str\]") = .+', line), (
                 f"{path.name}: parameter line should read 'name: type = value  # comment': {line!r}")
     for name, p in papermill.inspect_notebook(str(path)).items():
         assert p["help"].strip(), f"{path.name}: parameter {name!r} has no comment"
@@ -64,8 +64,9 @@ def test_parameters_cells_equal_spec():
             default = ast.literal_eval(p["default"])
             assert default == spec.default and type(default) is type(spec.default), (
                 f"{path.name}: default of {name!r} is {default!r}, SPEC says {spec.default!r}")
-            assert p["inferred_type_name"] == spec.type.__name__, (
-                f"{path.name}: {name!r} is annotated {p['inferred_type_name']}, SPEC says {spec.type.__name__}")
+            want = f"Union[{', '.join(t.__name__ for t in spec.type)}]" if isinstance(spec.type, tuple) else spec.type.__name__
+            assert p["inferred_type_name"] == want, (
+                f"{path.name}: {name!r} is annotated {p['inferred_type_name']}, SPEC says {want}")
             seen.setdefault(name, []).append(path.stem)
     missing = sorted(set(params.SPEC) - set(seen))
     assert not missing, f"SPEC parameters used by no notebook: {missing}"
@@ -80,7 +81,7 @@ def test_parameter_files_are_valid(name):
     assert "run_dir" not in raw
     assert set(raw) <= set(params.SPEC)
     if name == "default":
-        assert values["limit"] == 0 and values["test_limit"] == 0 and values["mixed_precision"]
+        assert values["limit"] == 0 and values["test_limit"] == 0 and values["mixed_precision"] == "auto"
     if name == "full":
         assert values["folds"] == list(range(values["n_folds"]))
 

@@ -206,7 +206,7 @@ VALID = {
     "depth": st.integers(1, 5),
     "blocks_per_level": st.integers(0, 8),
     "dropout": _floats(0.0, 1.0, hi_open=True),
-    "mixed_precision": st.booleans(),
+    "mixed_precision": st.booleans() | st.just("auto"),
     "batch_size": st.integers(1, 4096),
     "stages": st.lists(_stage(), min_size=1, max_size=3),
     "min_lr": st.floats(1e-12, 1.0) | st.integers(1, 5),

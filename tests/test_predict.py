@@ -382,6 +382,54 @@ def test_cli_predict_end_to_end(tmp_path, bundle_dir, images_dir):
     assert len(predict.read_submission(out)) == 7
 
 
+# --------------------------------------------------------------------------- compute dtype of bfloat16 bundles
+@pytest.fixture(scope="module")
+def bf16_bundle(tmp_path_factory):
+    """A bundle of one tiny model stored in bfloat16 (as mixed-precision recipes ship), and its model."""
+    import keras
+
+    from saltlib.model import build_resnet_unet
+
+    keras.utils.set_random_seed(5)
+    m = build_resnet_unet(base_filters=4, depth=2, blocks_per_level=1, dropout=0.0, empty_head=True,
+                          dtype_policy="bfloat16", name="tinybf16")
+    # larger weights than the initialisation so the logits are far from zero and bf16 rounding shows
+    m.set_weights([np.asarray(w, np.float32) * 1.5 for w in m.get_weights()])
+    d = tmp_path_factory.mktemp("bf16") / "m.keras"
+    m.save(d)
+    return predict.write_bundle(d.parent / "b", [d], threshold=0.0, min_size=0, tta=True), m
+
+
+@pytest.mark.parametrize("compute_dtype,native,expected", [
+    ("auto", "0", "float32"),      # emulated bfloat16: rebuilt in float32
+    ("auto", "1", "bfloat16"),     # native bfloat16: kept
+    ("float32", "1", "float32"),
+    ("stored", "0", "bfloat16"),
+])
+def test_bf16_bundle_compute_dtype(bf16_bundle, monkeypatch, compute_dtype, native, expected):
+    path, stored = bf16_bundle
+    monkeypatch.setenv("SALT_BF16", native)
+    b = predict.load_bundle(path, compute_dtype=compute_dtype)
+    assert b.compute_dtype == expected and f"computing in {expected}" in b.describe()
+    conv = b.models[0].get_layer("enc1_conv")
+    assert conv.dtype_policy.compute_dtype == expected and conv.dtype_policy.variable_dtype == expected
+    # the same network: every weight equal to the stored bfloat16 value, exactly
+    for w, ref in zip(b.models[0].get_weights(), stored.get_weights()):
+        np.testing.assert_array_equal(np.asarray(w, np.float32), np.asarray(ref, np.float32))
+    x = tiny_images(4, seed=9)
+    want = np.asarray(stored.predict(x, verbose=0), np.float32)
+    got = b.predict_logits(x, tta=False)
+    assert np.abs(want).max() > 0.5
+    # float32 compute differs from bfloat16 compute only by bfloat16 rounding (8 bits of mantissa)
+    tol = 0.0 if expected == "bfloat16" else 0.05 * np.abs(want).max()
+    np.testing.assert_allclose(got, want[..., 0], atol=tol)
+
+
+def test_load_bundle_rejects_unknown_compute_dtype(bf16_bundle):
+    with pytest.raises(ValueError, match="compute_dtype must be"):
+        predict.load_bundle(bf16_bundle[0], compute_dtype="float16")
+
+
 # --------------------------------------------------------------------------- benchmark script
 @pytest.mark.slow
 def test_benchmark_quick(bundle_dir, tmp_path):
@@ -417,14 +465,17 @@ def _benchmark_module():
 
 @pytest.mark.parametrize("empty_head,upscale", [(False, 1), (True, 1), (True, 2)])
 def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head, upscale):
-    """A bfloat16 bundle model is timed through a mixed-bfloat16 twin of the same shape; a model with
+    """A bundle model is timed through a twin of the same shape (mixed bfloat16 where the machine has
+    it natively, else float32: what ``mixed_precision: auto`` trains); a model with
     the image head gets the head's three-output training form (and its loss), like `salt train`."""
     from saltlib.model import build_resnet_unet
 
     bench = _benchmark_module()
     stored = build_resnet_unet(base_filters=2, depth=2, blocks_per_level=1, dropout=0.1, empty_head=empty_head,
                                dtype_policy="bfloat16", upscale=upscale)
-    twin = bench._training_twin(stored)
+    twin = bench._training_twin(stored, bf16=True)
+    assert twin.get_layer("enc1_conv").dtype_policy.name == "mixed_bfloat16"
+    assert bench._training_twin(stored, bf16=False).get_layer("enc1_conv").dtype_policy.name == "float32"
     assert twin.get_layer("enc1_conv").output.shape[1] == 101 * upscale
     assert twin.output_shape == (None, 101, 101, 3 if empty_head else 1)
     assert ("image_fc" in {l.name for l in twin.layers}) == empty_head

@@ -59,7 +59,7 @@ BAD_SETS = [
     ("limitt=3", r"unknown parameter 'limitt'; did you mean 'limit'\?"),
     ("limit=abc", r"'limit' must be int"),
     ("seed=-1", r"'seed' must be >= 0"),
-    ("mixed_precision=maybe", r"'mixed_precision' must be bool"),
+    ("mixed_precision=maybe", r"'mixed_precision' must be true, false or auto"),
     ("stages=[{loss: nope, epochs: 1, lr: 0.1}]", r"stage 1"),
     ("folds=[0", r"not valid YAML"),
     ("run_dir=/tmp/x", r"run_dir is chosen by `salt run`"),

@@ -1,0 +1,51 @@
+"""Tests of saltlib.hardware (native bfloat16 detection) and of ``mixed_precision: auto``."""
+
+from __future__ import annotations
+
+import pytest
+
+from saltlib import hardware, train
+
+X86_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 avx512_vnni\n\nprocessor\t: 1\nflags\t\t: fpu\n"
+X86_AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma f16c\n"
+X86_AMX = "flags\t\t: avx512f amx_bf16 amx_tile\n"
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
+ARM_OLD = "processor\t: 0\nFeatures\t: fp asimd\n"
+
+
+@pytest.mark.parametrize("text,native", [
+    (X86_BF16, True), (X86_AVX2, False), (X86_AMX, True), (ARM_BF16, True), (ARM_OLD, False), ("", False),
+])
+def test_cpu_bf16_from_cpuinfo(text, native):
+    assert hardware.cpu_bf16(text) is native
+
+
+def test_cpu_flags_reads_the_first_processor():
+    assert hardware.cpu_flags(X86_BF16) == {"fpu", "sse2", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni"}
+    assert hardware.cpu_flags("no flags here\n") == set()
+
+
+@pytest.mark.parametrize("value,native", [("1", True), ("0", False)])
+def test_env_override(monkeypatch, value, native):
+    monkeypatch.setenv(hardware.ENV_OVERRIDE, value)
+    assert hardware.native_bfloat16() is native
+    assert f"SALT_BF16={value}" in hardware.describe()
+
+
+def test_detection_without_override_is_a_bool(monkeypatch):
+    monkeypatch.delenv(hardware.ENV_OVERRIDE, raising=False)
+    assert isinstance(hardware.native_bfloat16(), bool)
+    assert "bfloat16" in hardware.describe()
+
+
+@pytest.mark.parametrize("setting,native,expected", [
+    (True, "0", True), (False, "1", False), ("auto", "1", True), ("auto", "0", False),
+])
+def test_mixed_precision_auto(monkeypatch, setting, native, expected):
+    monkeypatch.setenv(hardware.ENV_OVERRIDE, native)
+    cfg = {"base_filters": 2, "depth": 1, "blocks_per_level": 0, "dropout": 0.0, "mixed_precision": setting}
+    assert train.use_bfloat16(cfg) is expected
+    model = train.build_model(cfg)
+    assert model.get_layer("enc1_conv").dtype_policy.name == ("mixed_bfloat16" if expected else "float32")
+    saved = train.build_model(cfg, for_inference=True)
+    assert saved.get_layer("enc1_conv").dtype_policy.name == ("bfloat16" if expected else "float32")
