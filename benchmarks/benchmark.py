@@ -165,8 +165,9 @@ def worker(spec: dict) -> dict:
     bs, warm, steps = spec["batch_size"], spec["warmup_steps"], spec["train_steps"]
     model = models[0]
     if spec.get("bundle"):  # stored in inference form; trained in mixed_bfloat16 where it is native
-        model = _training_twin(model, bf16=hardware.native_bfloat16())
-        res["train_dtype"] = "mixed_bfloat16" if hardware.native_bfloat16() else "float32"
+        bf16 = hardware.native_bfloat16()
+        model = _training_twin(model, bf16=bf16)
+        res["train_dtype"] = "mixed_bfloat16" if bf16 else "float32"
     # the loss `salt train` compiles; the image head's training form has 3 outputs (fused, decoder, image)
     loss = train.stage_loss({"empty_head": model.output_shape[-1] == 3}, "bce+lovasz")
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, jit_compile=False)
@@ -294,7 +295,6 @@ def projection(bundle_row: dict) -> dict:
 
 
 def machine_info() -> dict:
-    sys.path.insert(0, str(ROOT))
     from saltlib import hardware
 
     info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -345,9 +345,9 @@ def main(argv=None) -> int:
     ap.add_argument("--verbose", action="store_true", help="show the workers' stderr (TensorFlow logs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
 
     if args.worker:
-        sys.path.insert(0, str(ROOT))
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
 

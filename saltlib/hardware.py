@@ -3,7 +3,7 @@
 bfloat16 ("bf16") mixed precision roughly doubles training speed on CPUs with the AVX512-BF16 or
 AMX-BF16 instructions and on NVIDIA GPUs from Ampere (compute capability 8.0) on. Elsewhere oneDNN
 emulates it, and it is much slower than float32. Measured on a 2-core AMD EPYC with AVX2 but no
-AVX-512 (2026-11-26), for the 16-filter ResNet-U-Net at 101x101: training 1.0 images/s in
+AVX-512 (2026-11-26, one short run), for the 16-filter ResNet-U-Net at 101x101: training 1.0 images/s in
 ``mixed_bfloat16`` against 6.2 in float32; inference of a shipped bfloat16 model 17 images/s
 against 25 after :func:`saltlib.predict.load_bundle` turned it into float32.
 
@@ -74,26 +74,32 @@ def gpu_bf16() -> bool | None:
     return all(cc >= (8, 0) for cc in caps)
 
 
+def _forced() -> bool | None:
+    """The ``SALT_BF16`` override: True, False, or None where it is unset (or not 0/1)."""
+    value = os.environ.get(ENV_OVERRIDE, "").strip()
+    return {"1": True, "0": False}.get(value)
+
+
 def native_bfloat16() -> bool:
-    """Whether bfloat16 compute is fast here: on the GPUs if TensorFlow sees any, else on the CPU.
+    """Whether bfloat16 compute is fast here: on the GPUs if any is seen, else on the CPU.
 
     ``SALT_BF16=1`` / ``SALT_BF16=0`` in the environment overrides the answer.
     """
-    forced = os.environ.get(ENV_OVERRIDE, "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
+    forced = _forced()
+    if forced is not None:
+        return forced
     gpu = gpu_bf16()
     return cpu_bf16() if gpu is None else gpu
 
 
 def describe() -> str:
     """One line for logs: whether bfloat16 is native here and why."""
-    forced = os.environ.get(ENV_OVERRIDE, "").strip()
-    if forced in ("0", "1"):
-        return f"bfloat16 {'native' if forced == '1' else 'not native'} ({ENV_OVERRIDE}={forced})"
+    forced = _forced()
+    if forced is not None:
+        return f"bfloat16 {'native' if forced else 'not native'} ({ENV_OVERRIDE}={int(forced)})"
     gpu = gpu_bf16()
     if gpu is not None:
         return f"bfloat16 {'native' if gpu else 'not native'} on the GPU(s) (compute capability {'>=' if gpu else '<'} 8.0)"
-    have = sorted(cpu_flags() & set(BF16_CPU_FLAGS))
-    return ("bfloat16 native on the CPU (" + ", ".join(have) + ")") if cpu_bf16() else \
-        "bfloat16 not native on this CPU (no avx512_bf16 / amx_bf16): emulated, slower than float32"
+    if cpu_bf16():
+        return "bfloat16 native on the CPU (" + ", ".join(sorted(cpu_flags() & {*BF16_CPU_FLAGS, "bf16"})) + ")"
+    return "bfloat16 not native on this CPU (no avx512_bf16 / amx_bf16): emulated, slower than float32"
