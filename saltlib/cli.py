@@ -53,8 +53,10 @@ def _cmd_runs(args) -> int:
 def _cmd_predict(args) -> int:
     from . import predict
 
+    members = None if args.members is None else [m.strip() for m in args.members.split(",")]
+    tta = {"stored": None, "on": True, "off": False}[args.tta]
     out = predict.predict_folder(args.model, args.images, args.out, batch_size=args.batch_size,
-                                 compute_dtype=args.compute_dtype)
+                                 compute_dtype=args.compute_dtype, tta=tta, members=members)
     print(f"wrote {out}")
     return 0
 
@@ -120,6 +122,11 @@ def main(argv=None) -> int:
     p.add_argument("--compute-dtype", choices=("auto", "float32", "stored"), default="auto",
                    help="auto (default): bfloat16 models compute in float32 unless the CPU/GPU has native bfloat16; "
                         "float32: always; stored: as stored")
+    p.add_argument("--tta", choices=("stored", "on", "off"), default="stored",
+                   help="flip TTA: as the bundle says (default), or forced on/off (off: half the time)")
+    p.add_argument("--members", metavar="I,J",
+                   help="predict with these of the bundle's models only, by index (e.g. 0: one model, "
+                        "half the time of a two-model bundle); default: all, as shipped")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("data", help="find (or download from Kaggle) the data folder and check every file")

@@ -333,7 +333,7 @@ def _computes_bfloat16(model) -> bool:
     return any("bfloat16" in str(layer.dtype_policy.compute_dtype) for layer in model.layers)
 
 
-def load_bundle(path, compute_dtype: str = "auto") -> Bundle:
+def load_bundle(path, compute_dtype: str = "auto", members=None) -> Bundle:
     """Load a model bundle folder written by :func:`write_bundle`.
 
     Models load with ``keras.saving.load_model(p, compile=False, safe_mode=True)`` (no arbitrary
@@ -345,6 +345,9 @@ def load_bundle(path, compute_dtype: str = "auto") -> Bundle:
         path: the bundle folder.
         compute_dtype: ``"auto"`` (as above), ``"float32"`` (always rebuild bfloat16 models in
             float32) or ``"stored"`` (compute as stored).
+        members: indices into the bundle's model list to load (e.g. ``[0]``: the first fold model
+            alone, half the inference time of a two-model bundle, without the ensemble's gain);
+            None loads them all, as shipped.
     Returns:
         a :class:`Bundle`.
     Raises:
@@ -356,12 +359,15 @@ def load_bundle(path, compute_dtype: str = "auto") -> Bundle:
         raise ValueError(f"compute_dtype must be 'auto', 'float32' or 'stored', got {compute_dtype!r}")
     path = Path(path)
     spec = read_bundle_spec(path)  # before importing Keras: an incomplete folder fails in milliseconds
+    files = list(spec["models"])
+    if members is not None:
+        files = [files[k] for k in _check_members(members, len(files), path)]
     import keras
 
     from . import hardware
 
     models = []
-    for m in spec["models"]:
+    for m in files:
         f = path / m
         try:
             model = keras.saving.load_model(f, compile=False, safe_mode=True)
@@ -386,9 +392,24 @@ def load_bundle(path, compute_dtype: str = "auto") -> Bundle:
         peak_gate=None if spec["peak_gate"] is None else float(spec["peak_gate"]),
         meta=spec["meta"],
         path=path,
-        files=list(spec["models"]),
+        files=files,
         input_shape=INPUT_SHAPE,
     )
+
+
+def _check_members(members, n: int, path) -> list[int]:
+    """Validate ``members`` (indices into a bundle of ``n`` models): non-empty, in range, no repeats."""
+    try:
+        idx = [int(k) for k in members]
+        ok = all(float(k) == int(k) for k in members)
+    except (TypeError, ValueError):
+        idx, ok = [], False
+    if not ok or not idx or len(set(idx)) != len(idx) or not all(0 <= k < n for k in idx):
+        raise ValueError(
+            f"members {list(members) if isinstance(members, (list, tuple)) else members!r} for bundle {path}: "
+            f"give distinct indices of its {n} model(s), 0..{n - 1}"
+        )
+    return idx
 
 
 # --------------------------------------------------------------------------- submissions
@@ -486,7 +507,8 @@ def _check_writable(out_csv: Path) -> None:
 
 
 def predict_folder(model_dir, images_dir, out_csv, batch_size: int = 64, chunk_size: int = CHUNK_SIZE,
-                   verbose: bool = True, compute_dtype: str = "auto") -> Path:
+                   verbose: bool = True, compute_dtype: str = "auto", tta: bool | None = None,
+                   members=None) -> Path:
     """Predict every ``*.png`` in a folder with a bundle and write a Kaggle submission.
 
     Order of work: check the bundle's files (fails fast on an incomplete bundle), list the
@@ -504,6 +526,8 @@ def predict_folder(model_dir, images_dir, out_csv, batch_size: int = 64, chunk_s
         verbose: print progress (one line per chunk with images/s).
         compute_dtype: passed to :func:`load_bundle` (``"auto"``: bfloat16 models compute in
             float32 where the machine has no native bfloat16).
+        tta: override the bundle's flip TTA (None: as stored). ``False`` halves the time.
+        members: predict with these of the bundle's models only (indices; None: all, as stored).
     Returns:
         ``out_csv`` as a Path.
     Raises:
@@ -517,13 +541,23 @@ def predict_folder(model_dir, images_dir, out_csv, batch_size: int = 64, chunk_s
         raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
     _check_writable(out_csv)
     t0 = time.time()
-    read_bundle_spec(model_dir)  # cheap checks first: bundle.json and its files, then the image folder
+    n_models = len(read_bundle_spec(model_dir)["models"])  # cheap checks first: bundle.json and its files,
+    if members is not None:  # the model indices, then the image folder
+        _check_members(members, n_models, model_dir)
     images_dir = Path(images_dir)
     ids = data.list_pngs(images_dir)
     if not ids:
         raise DataError(f"no PNG files in {images_dir}")
-    bundle = load_bundle(model_dir, compute_dtype=compute_dtype)
+    bundle = load_bundle(model_dir, compute_dtype=compute_dtype, members=members)
+    overrides = []
+    if tta is not None and bool(tta) != bundle.tta:
+        bundle.tta = bool(tta)
+        overrides.append(f"tta={bundle.tta}")
+    if len(bundle.files) != n_models:
+        overrides.append(f"models {', '.join(bundle.files)} only")
     log(f"{bundle.describe()} (loaded in {time.time() - t0:.1f} s)")
+    if overrides:
+        log(f"not as shipped: {'; '.join(overrides)} (the bundle's CV score does not apply)")
     t1 = time.time()
     images = data.read_images([images_dir / f"{i}.png" for i in ids])
     log(f"read {len(ids)} images from {images_dir} in {time.time() - t1:.1f} s")

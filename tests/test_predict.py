@@ -355,6 +355,51 @@ def test_predict_folder_failure_while_writing_leaves_old_output(bundle_dir, imag
     assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]
 
 
+def test_load_bundle_members_loads_the_chosen_models(models, bundle_dir):
+    from saltlib.train import predict_logits
+
+    _, ms = models
+    x = tiny_images(3)
+    one = predict.load_bundle(bundle_dir, members=[1])
+    assert one.files == ["model1.keras"] and len(one.models) == 1
+    np.testing.assert_allclose(one.predict_logits(x), predict_logits(ms[1], x, tta=True), atol=1e-5)
+    both = predict.load_bundle(bundle_dir, members=["1", "0"])  # as the CLI passes them; order kept
+    assert both.files == ["model1.keras", "model0.keras"]
+    np.testing.assert_allclose(both.predict_logits(x), predict.load_bundle(bundle_dir).predict_logits(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("members", [[], [2], [-1], [0, 0], ["x"], [0.5], 3])
+def test_load_bundle_rejects_bad_members(bundle_dir, members):
+    with pytest.raises(ValueError, match=r"members .* for bundle .*give distinct indices of its 2 model\(s\), 0..1"):
+        predict.load_bundle(bundle_dir, members=members)
+
+
+def test_predict_folder_tta_and_members_overrides(bundle_dir, images_dir, tmp_path, capsys):
+    from saltlib.data import read_images
+    from saltlib.train import predict_logits
+
+    out = predict.predict_folder(bundle_dir, images_dir, tmp_path / "fast.csv", tta=False, members=[0])
+    assert "not as shipped: tta=False; models model0.keras only" in capsys.readouterr().out
+    ids = sorted(p.stem for p in images_dir.glob("*.png"))
+    m0 = predict.load_bundle(bundle_dir).models[0]
+    logits = predict_logits(m0, read_images([images_dir / f"{i}.png" for i in ids]), tta=False)
+    expected = predict.postprocess(logits, 0.05, 3)
+    assert expected.any()
+    got = predict.read_submission(out)
+    assert got["id"].tolist() == ids
+    for k, r in enumerate(got["rle_mask"]):
+        np.testing.assert_array_equal(rle.decode(r), expected[k])
+    # as stored: no override line
+    predict.predict_folder(bundle_dir, images_dir, tmp_path / "as_stored.csv", tta=True, members=[0, 1])
+    assert "not as shipped" not in capsys.readouterr().out
+
+
+def test_predict_folder_bad_members_fail_before_any_work(bundle_dir, images_dir, tmp_path):
+    with pytest.raises(ValueError, match="members \\[5\\]"):
+        predict.predict_folder(bundle_dir, images_dir, tmp_path / "s.csv", members=[5])
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- CLI
 def _salt(*args, timeout=120):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -373,13 +418,27 @@ def test_cli_predict_missing_model_folder(tmp_path, images_dir):
     assert not (tmp_path / "s.csv").exists()
 
 
+def test_cli_predict_bad_members(tmp_path, bundle_dir, images_dir):
+    r = _salt("predict", "--model", str(bundle_dir), "--images", str(images_dir), "--out", str(tmp_path / "s.csv"),
+              "--members", "0,2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "salt predict: error: members ['0', '2'] for bundle" in r.stderr and "0..1" in r.stderr
+    assert not (tmp_path / "s.csv").exists()
+
+
 @pytest.mark.slow
 def test_cli_predict_end_to_end(tmp_path, bundle_dir, images_dir):
     out = tmp_path / "s.csv"
     r = _salt("predict", "--model", str(bundle_dir), "--images", str(images_dir), "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert f"wrote {out}" in r.stdout
+    assert f"wrote {out}" in r.stdout and "not as shipped" not in r.stdout
     assert len(predict.read_submission(out)) == 7
+    fast = tmp_path / "fast.csv"
+    r = _salt("predict", "--model", str(bundle_dir), "--images", str(images_dir), "--out", str(fast),
+              "--tta", "off", "--members", "1")
+    assert r.returncode == 0, r.stderr
+    assert "not as shipped: tta=False; models model1.keras only" in r.stdout
+    assert len(predict.read_submission(fast)) == 7
 
 
 # --------------------------------------------------------------------------- compute dtype of bfloat16 bundles
