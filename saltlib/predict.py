@@ -354,6 +354,8 @@ def load_bundle(path, compute_dtype: str = "auto", members=None) -> Bundle:
         BundleError: naming the file, for a missing folder, a missing or malformed ``bundle.json``
             (bad JSON, missing/unknown keys, wrong types), a listed model file that is missing,
             damaged or cannot be loaded, or a model with the wrong input/output shape.
+        ValueError: an unknown ``compute_dtype``, or ``members`` that are not distinct indices of
+            the bundle's models (the message names the bundle and the valid range).
     """
     if compute_dtype not in ("auto", "float32", "stored"):
         raise ValueError(f"compute_dtype must be 'auto', 'float32' or 'stored', got {compute_dtype!r}")
