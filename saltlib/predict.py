@@ -408,7 +408,7 @@ def _check_members(members, n: int, path) -> list[int]:
         idx, ok = [], False
     if not ok or not idx or len(set(idx)) != len(idx) or not all(0 <= k < n for k in idx):
         raise ValueError(
-            f"members {list(members) if isinstance(members, (list, tuple)) else members!r} for bundle {path}: "
+            f"members {members!r} for bundle {path}: "
             f"give distinct indices of its {n} model(s), 0..{n - 1}"
         )
     return idx
