@@ -7,7 +7,11 @@ For each configuration, in its own subprocess (so peak memory is clean):
   flip TTA, on synthetic 101x101 images after a warm-up pass;
 * training images/s of one model of that shape (``train_on_batch``, batch 32 by default, Adam,
   BCE + Lovász loss, synthetic images and masks), timed after warm-up steps;
-* peak resident memory (VmHWM of the process): after inference, and overall (after training).
+* peak resident memory (VmHWM of the process): after inference, and overall (after training);
+* the work: forward floating-point operations per image and model (TensorFlow's graph profiler),
+  the rate inference reached (GFLOP/s), and this machine's float32 matrix-multiply rate
+  (``tf.matmul`` of 2048x2048 matrices) as a ceiling. Together they tell a slow runtime from a
+  slow machine: the projection also prints the time the bundle would need at that ceiling.
 
 Configurations: ``bundle`` (``--model``, default the first ``models/*/bundle.json``) and
 ``reference``, shaped like the original repository's model (16 base filters, 101x101 input,
@@ -97,6 +101,35 @@ def _time_reading(n: int) -> dict | None:
     return {"images": len(paths), "s_per_image": (time.perf_counter() - t) / len(paths), "folder": str(folder)}
 
 
+def _forward_flops(model) -> int:
+    """Floating-point operations of one forward pass of ``model`` on one image (inference mode),
+    counted by TensorFlow's graph profiler on the frozen graph: 2 per multiply-add of convolutions
+    and dense layers, plus the elementwise ops it has statistics for (bias adds, batch norm)."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    spec = tf.TensorSpec([1, *model.input_shape[1:]], model.inputs[0].dtype)
+    graph = convert_variables_to_constants_v2(
+        tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)).graph
+    builder = tf.compat.v1.profiler.ProfileOptionBuilder
+    opts = builder(builder.float_operation()).with_empty_output().build()
+    return int(tf.compat.v1.profiler.profile(graph=graph, cmd="op", options=opts).total_float_ops)
+
+
+def _matmul_gflop_s(n: int = 2048, reps: int = 5) -> float:
+    """This machine's float32 matrix-multiply rate in GFLOP/s (``tf.matmul``, n x n, best of ``reps``)."""
+    import tensorflow as tf
+
+    a = tf.random.normal([n, n], seed=0)
+    tf.matmul(a, a).numpy()  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        tf.matmul(a, a).numpy()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
 def _training_twin(model, bf16: bool):
     """A model of the same shape as a bundle model (read from its layer names), in its training
     form: with the image head (``image_fc``) that is the three-output model. ``bf16``: in
@@ -150,6 +183,8 @@ def worker(spec: dict) -> dict:
             shape={k: spec[k] for k in ("base_filters", "depth", "blocks_per_level", "dropout", "upscale")},
         )
     res["params_per_model"] = int(models[0].count_params())
+    res["gflop_per_image"] = sum(_forward_flops(m) for m in models) / 1e9  # the whole ensemble, no TTA
+    res["matmul_gflop_s"] = _matmul_gflop_s(1024 if spec.get("quick") else 2048)
 
     # inference: whole ensemble, without and with flip TTA, after a warm-up on the same shapes
     n_inf, ib = spec["infer_images"], spec["infer_batch_size"]
@@ -159,6 +194,7 @@ def worker(spec: dict) -> dict:
         t = time.perf_counter()
         b.predict_logits(x, batch_size=ib, tta=tta)
         res["infer_tta_img_s" if tta else "infer_img_s"] = n_inf / (time.perf_counter() - t)
+    res["infer_gflop_s"] = res["infer_img_s"] * res["gflop_per_image"]
     res["peak_rss_infer_mb"] = round(_rss_mb()[1], 1)
 
     # training: one model of this shape, batch `batch_size`, timed after warm-up steps
@@ -251,6 +287,8 @@ def print_table(rows: list[dict], ref: dict | None) -> list[dict]:
         ("train img/s", lambda r: _fmt(r["train_img_s"]), 11),
         ("infer img/s", lambda r: _fmt(r["infer_img_s"]), 11),
         ("infer+TTA img/s", lambda r: _fmt(r["infer_tta_img_s"]), 15),
+        ("GFLOP/img", lambda r: _fmt(r["gflop_per_image"], 2), 9),  # whole ensemble, one pass (no TTA)
+        ("infer GFLOP/s", lambda r: _fmt(r["infer_gflop_s"], 0), 13),
         ("peak RSS infer MB", lambda r: _fmt(r["peak_rss_infer_mb"], 0), 17),
         ("peak RSS MB", lambda r: _fmt(r["peak_rss_mb"], 0), 11),
     ]
@@ -281,16 +319,23 @@ def print_table(rows: list[dict], ref: dict | None) -> list[dict]:
     return ratios
 
 
-def projection(bundle_row: dict) -> dict:
-    """Seconds to predict PROJECTION_IMAGES images with the bundle and flip TTA, plus reading them."""
+def projection(bundle_row: dict, matmul_gflop_s: float | None = None) -> dict:
+    """Seconds to predict PROJECTION_IMAGES images with the bundle and flip TTA, plus reading them.
+
+    With ``matmul_gflop_s`` (the machine's float32 matrix-multiply rate), also ``ceiling_model_s``:
+    the model time if every forward operation ran at that rate (2 passes per image with TTA), a
+    lower bound that no runtime on this machine beats by much."""
     model_s = PROJECTION_IMAGES / bundle_row["infer_tta_img_s"]
     reading = bundle_row.get("reading")
     read_s = PROJECTION_IMAGES * reading["s_per_image"] if reading else 0.0
     total = model_s + read_s
+    ceiling_s = None
+    if matmul_gflop_s and bundle_row.get("gflop_per_image"):
+        ceiling_s = PROJECTION_IMAGES * 2 * bundle_row["gflop_per_image"] / matmul_gflop_s
     return {
         "images": PROJECTION_IMAGES, "tta": True, "model_s": model_s, "read_s": read_s,
         "read_measured": bool(reading), "seconds": total, "limit_s": PROJECTION_LIMIT_S,
-        "under_limit": total < PROJECTION_LIMIT_S,
+        "under_limit": total < PROJECTION_LIMIT_S, "ceiling_model_s": ceiling_s,
     }
 
 
@@ -358,6 +403,7 @@ def main(argv=None) -> int:
         "train_steps": args.train_steps or (2 if q else 20),
         "warmup_steps": args.warmup_steps if args.warmup_steps is not None else (1 if q else 3),
         "infer_images": args.infer_images or (64 if q else 512),
+        "quick": q,
     }
     specs = []
     bundle = None if args.no_bundle else (Path(args.model) if args.model else default_bundle())
@@ -389,9 +435,12 @@ def main(argv=None) -> int:
         rows.append(run_worker(s, args.verbose))
     ref = next(r for r in rows if r["name"] == "reference")
     ratios = print_table(rows, ref)
-    result = {"machine": info, "settings": {**common, "quick": q}, "rows": rows, "ratios": ratios}
+    info["matmul_gflop_s"] = max(r["matmul_gflop_s"] for r in rows)
+    print(f"\nfloat32 matrix multiply on this machine: {info['matmul_gflop_s']:.0f} GFLOP/s (best of the workers; "
+          f"inference above reaches {ref['infer_gflop_s'] / info['matmul_gflop_s']:.0%} of it with the reference)")
+    result = {"machine": info, "settings": common, "rows": rows, "ratios": ratios}
     if bundle is not None:
-        pr = projection(rows[0])
+        pr = projection(rows[0], info["matmul_gflop_s"])
         result["projection"] = pr
         read = (f"{pr['read_s']:.0f} s reading PNGs" if pr["read_measured"] else "PNG reading not measured (no data)")
         print(
@@ -399,6 +448,8 @@ def main(argv=None) -> int:
             f"{pr['seconds'] / 60:.1f} min ({pr['model_s']:.0f} s model, {read}) -> "
             f"{'UNDER' if pr['under_limit'] else 'OVER'} the 10-minute target"
         )
+        print(f"  at this machine's matrix-multiply rate the model part would still take {pr['ceiling_model_s'] / 60:.1f} min "
+              f"({rows[0]['gflop_per_image']:.2f} GFLOP per image and pass, 2 passes with TTA)")
     if args.json:
         from saltlib import io
 

@@ -510,6 +510,11 @@ def test_benchmark_quick(bundle_dir, tmp_path):
         assert row["train_img_s"] > 0 and row["infer_img_s"] > 0 and row["infer_tta_img_s"] > 0
         assert row["peak_rss_mb"] > 100
     assert res["projection"]["images"] == 18000 and res["projection"]["seconds"] > 0
+    assert "matrix multiply" in out and "GFLOP/img" in out
+    assert res["machine"]["matmul_gflop_s"] > 0 and 0 < res["projection"]["ceiling_model_s"]
+    for row in res["rows"][:2]:
+        assert row["gflop_per_image"] > 0
+        assert row["infer_gflop_s"] == pytest.approx(row["infer_img_s"] * row["gflop_per_image"])
 
 
 def _benchmark_module():
@@ -544,6 +549,31 @@ def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head, upscal
     for layer in stored.layers:
         assert [w.shape for w in twin.get_layer(layer.name).weights] == [w.shape for w in layer.weights], layer.name
     assert (twin.count_params() > stored.count_params()) == empty_head
+
+
+@pytest.mark.parametrize("bias,expected", [
+    # 3x3 conv, 1 -> 2 channels, 'same' on 5x5: 25 pixels x 2 channels x 9 multiply-adds x 2 = 900;
+    # the bias adds one operation per output value (50); dense 50 -> 3: 2 x 50 x 3 = 300 (+ 3 bias)
+    (False, 900 + 300),
+    (True, 900 + 50 + 300 + 3),
+])
+def test_benchmark_counts_forward_flops(bias, expected):
+    import keras
+
+    bench = _benchmark_module()
+    x = keras.Input((5, 5, 1))
+    y = keras.layers.Conv2D(2, 3, padding="same", use_bias=bias)(x)
+    y = keras.layers.Dense(3, use_bias=bias)(keras.layers.Flatten()(y))
+    assert bench._forward_flops(keras.Model(x, y)) == expected
+
+
+def test_benchmark_projection_ceiling():
+    bench = _benchmark_module()
+    row = {"infer_tta_img_s": 30.0, "gflop_per_image": 5.0}
+    pr = bench.projection(row, matmul_gflop_s=100.0)
+    assert pr["seconds"] == pytest.approx(600.0) and not pr["under_limit"]  # 18,000 / 30 = 600 s: not under
+    assert pr["ceiling_model_s"] == pytest.approx(18_000 * 2 * 5.0 / 100.0)
+    assert bench.projection(row)["ceiling_model_s"] is None
 
 
 @pytest.mark.parametrize("text,expected", [
