@@ -19,9 +19,13 @@ from pathlib import Path
 def _cmd_train(args) -> int:
     from . import data, params, train
 
-    cfg = params.load(args.params, overrides=args.set)
-    if args.folds:
-        cfg["folds"] = [int(f) for f in args.folds.split(",")]
+    overrides = list(args.set or ())
+    if args.folds:  # checked like any parameter (against n_folds); bundles are not made here, so
+        # bundle_folds (which must lie within folds) is cleared
+        if not all(f.strip().isascii() and f.strip().isdigit() for f in args.folds.split(",")):
+            raise params.ParamError(f"--folds {args.folds!r}: expected fold numbers separated by commas, e.g. 0,1")
+        overrides += ["bundle_folds=[]", f"folds=[{args.folds}]"]
+    cfg = params.load(args.params, overrides=overrides)
     ds = data.load_train(cfg.get("data_dir") or None, limit=cfg.get("limit") or None)
     folds = data.kfold(ds, cfg["n_folds"], cfg["seed"])
     tcfg = {k: cfg[k] for k in train.DEFAULTS if k in cfg}
@@ -90,6 +94,7 @@ def _cmd_kernel(args) -> int:
 
 def main(argv=None) -> int:
     from .data import DataError
+    from .train import TrainingError
 
     parser = argparse.ArgumentParser(prog="salt", description="Salt segmentation runs and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,7 +151,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, ValueError, FileExistsError, FileNotFoundError) as e:
+    except (DataError, ValueError, FileExistsError, FileNotFoundError, TrainingError) as e:
         print(f"salt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -105,17 +105,19 @@ def read_png(path, kind: str = "image") -> np.ndarray:
         with Image.open(path) as im:
             if im.format != "PNG":
                 raise DataError(f"{kind} {path} is a {im.format} file, not a PNG")
-            im.load()
-            if im.mode == "P":  # palette indices are not gray levels: map them through the palette
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+            if im.size != (IMAGE_SIZE, IMAGE_SIZE):  # from the header, before decoding any pixels
                 raise DataError(
                     f"{kind} {path} is {im.size[0]}x{im.size[1]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}"
                 )
+            im.load()
+            if im.mode == "P":  # palette indices are not gray levels: map them through the palette
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             mode = im.mode
             arr = np.asarray(im)
     except DataError:
         raise
+    except Image.DecompressionBombError as e:  # Pillow refuses huge images at open(), before our size check
+        raise DataError(f"{kind} {path} is far larger than {IMAGE_SIZE}x{IMAGE_SIZE} ({e})") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read {kind} {path}: corrupt or not a PNG ({e})") from e
     if arr.ndim == 3:

@@ -25,6 +25,9 @@ def atomic_path(path, suffix: str | None = None):
     os.unlink(tmp)  # let the writer create it (some writers refuse an existing file)
     try:
         yield Path(tmp)
+        if os.path.isfile(tmp):  # on disk before the rename, so a power cut cannot leave an empty file
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

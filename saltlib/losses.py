@@ -30,8 +30,9 @@ def lovasz_grad(gt_sorted):
     Args:
         gt_sorted: ``(B, P)`` ground truth in {0, 1}, sorted by decreasing error.
     Returns:
-        ``(B, P)`` float weights; each row sums to the Jaccard loss of predicting everything
-        (1 for an empty mask: the first element is 1 and the rest 0).
+        ``(B, P)`` float weights in [0, 1]; each row sums to 1 (the differences telescope to the
+        Jaccard loss of getting every pixel wrong). For an empty mask the first element is 1 and
+        the rest 0.
     """
     gts = ops.sum(gt_sorted, axis=1, keepdims=True)
     intersection = gts - ops.cumsum(gt_sorted, axis=1)

@@ -67,7 +67,7 @@ def threshold_counts(truth, values, thresholds):
     """Pixel counts for the masks ``values > t`` at every cut-off ``t``, in one pass.
 
     Args:
-        truth: ``(N,H,W)`` or ``(N,H,W,1)`` masks.
+        truth: ``(N,H,W)`` or ``(N,H,W,1)`` masks, or one ``(H,W)`` mask (N = 1).
         values: probabilities or logits, same shape as ``truth``.
         thresholds: ``(T,)`` cut-offs (any order).
     Returns:
@@ -75,11 +75,14 @@ def threshold_counts(truth, values, thresholds):
     Raises:
         ValueError: shapes differ, or ``values`` hold NaN (named by image index).
     """
-    t = _as_masks(truth, "truth").reshape(len(np.asarray(truth)), -1)
+    t = _as_masks(truth, "truth")
+    t = t.reshape(len(t), -1)  # a single (H,W) mask is one image, as in image_scores
     v = np.asarray(values)
     if v.ndim == 4 and v.shape[-1] == 1:
         v = v[..., 0]
-    v = v.reshape(len(t), -1)
+    if v.ndim == 2:
+        v = v[None]
+    v = v.reshape(len(v), -1)
     if v.shape != t.shape:
         raise ValueError(f"values shape {v.shape} != truth shape {t.shape}")
     bad = np.flatnonzero(np.isnan(v).any(axis=1)) if v.dtype.kind == "f" else []

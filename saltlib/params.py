@@ -23,7 +23,21 @@ class ParamError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """The safe YAML loader that also reads ``1e-5`` (no dot) as a float, as YAML 1.2 does."""
+    """The safe YAML loader that also reads ``1e-5`` (no dot) as a float, as YAML 1.2 does, and
+    refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise ParamError(f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one")
+            except TypeError:  # an unhashable key: let the base class report it
+                break
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -178,12 +192,15 @@ def _type_name(kind) -> str:
     return " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
 
 
-def check(values: dict, source: str = "parameters") -> dict:
-    """Check parameter values against :data:`SPEC`.
+def check(values: dict, source: str = "parameters", base: dict | None = None) -> dict:
+    """Check parameter values against :data:`SPEC`, each alone and then together.
 
     Args:
         values: parameter name -> value (a partial set is fine).
         source: where they came from, for messages (a file name or ``--set``).
+        base: the values these complete or override (default: the defaults); the checks that tie
+            keys together (``folds`` < ``n_folds``, ``bundle_folds`` within ``folds``, ``snapshots``
+            earlier than the last of ``stages``) run on ``base`` updated with ``values``.
     Returns:
         ``values`` with ints given for float parameters turned into floats.
     Raises:
@@ -209,18 +226,35 @@ def check(values: dict, source: str = "parameters") -> dict:
             if complaint:
                 raise ParamError(f"{source}: parameter {key!r} {complaint} (got {value!r})")
         out[key] = value
-    if "folds" in out or "n_folds" in out:
-        merged = {**defaults(), **out}
+    _check_together({**(defaults() if base is None else base), **out}, set(out), source)
+    return out
+
+
+def _check_together(merged: dict, given: set, source: str) -> None:
+    """The checks that tie keys together, on complete values ``merged``; only those that involve a
+    key in ``given`` (the keys ``source`` set) run, so an error blames the source that caused it."""
+    if given & {"folds", "n_folds"}:
+        if not merged["folds"]:
+            raise ParamError(f"{source}: parameter 'folds' is empty: list at least one fold to train")
         bad = [f for f in merged["folds"] if f >= merged["n_folds"]]
         if bad:
             raise ParamError(f"{source}: parameter 'folds' has fold {bad[0]} but n_folds is {merged['n_folds']}")
-    if "folds" in out and "bundle_folds" in out:  # both known (load() checks the merged values last)
-        bad = [f for f in out["bundle_folds"] if f not in out["folds"]]
+    if given & {"folds", "bundle_folds"}:
+        bad = [f for f in merged["bundle_folds"] if f not in merged["folds"]]
         if bad:
             raise ParamError(
-                f"{source}: parameter 'bundle_folds' has fold {bad[0]}, which is not in 'folds' {out['folds']}"
+                f"{source}: parameter 'bundle_folds' has fold {bad[0]}, which is not in 'folds' {merged['folds']}"
             )
-    return out
+    if given & {"snapshots", "stages"}:
+        n = len(merged["stages"])
+        bad = [k for k in merged["snapshots"] if not 1 <= k < n]
+        if bad:
+            earlier = (f"of the {n} in 'stages' only stages 1 to {n - 1} are" if n > 2 else
+                       "of the 2 in 'stages' only stage 1 is" if n == 2 else "'stages' has one stage, so none is")
+            raise ParamError(
+                f"{source}: parameter 'snapshots' has stage {bad[0]}, but {earlier} earlier than the last "
+                "(the last stage's weights are the model itself)"
+            )
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -232,6 +266,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ParamError(f"--set {text!r}: value is not valid YAML ({e})") from None
+    except ParamError as e:
+        raise ParamError(f"--set {text!r}: {e}") from None
     return key.strip(), value
 
 
@@ -244,6 +280,8 @@ def read_yaml(path) -> dict:
         values = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
         raise ParamError(f"{path}: not valid YAML ({e})") from None
+    except ParamError as e:
+        raise ParamError(f"{path}: {e}") from None
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -262,6 +300,6 @@ def load(path=None, overrides=()) -> dict:
         values.update(check(read_yaml(path), str(path)))
     for text in overrides or ():
         key, value = parse_override(text)
-        values.update(check({key: value}, f"--set {text}"))
+        values.update(check({key: value}, f"--set {text}", base=values))
     check(values, str(path or "parameters"))
     return values

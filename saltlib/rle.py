@@ -57,11 +57,10 @@ def decode(rle, shape=SHAPE) -> np.ndarray:
         return flat.reshape((w, h)).T
     if len(tokens) % 2:
         raise ValueError(f"RLE has an odd number of values ({len(tokens)}): {_short(rle)}")
-    try:
-        raw = [int(t) for t in tokens]
-    except ValueError:
-        bad = next(t for t in tokens if not _is_int(t))
-        raise ValueError(f"RLE value {bad!r} is not an integer: {_short(rle)}") from None
+    bad = next((t for t in tokens if not _is_int(t)), None)
+    if bad is not None:
+        raise ValueError(f"RLE value {bad!r} is not an integer: {_short(rle)}")
+    raw = [int(t) for t in tokens]
     # clip to [-1, n + 1] so huge values cannot overflow int64; every check below is unchanged by
     # the clipping, and messages quote the values as written (``raw``)
     values = np.array([min(max(v, -1), n + 1) for v in raw], dtype=np.int64)
@@ -92,11 +91,10 @@ def decode(rle, shape=SHAPE) -> np.ndarray:
 
 
 def _is_int(token: str) -> bool:
-    try:
-        int(token)
-        return True
-    except ValueError:
-        return False
+    """An optional sign and ASCII digits only: Python's ``int`` would also take ``1_0`` and
+    non-ASCII digits, which no RLE writer produces."""
+    digits = token[1:] if token[:1] in "+-" else token
+    return digits.isascii() and digits.isdigit()
 
 
 def _short(s: str, limit: int = 60) -> str:

@@ -101,10 +101,11 @@ def notebook_run_dir(run_dir: str = "") -> Path:
     return path.resolve()
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str, what: str = "run name") -> str:
+    """``name`` if it is a safe folder name (letters, digits, ``._+-``, no slashes), else ValueError."""
     if not _NAME_RE.match(name or ""):
         raise ValueError(
-            f"run name {name!r} is not allowed: use letters, digits, '.', '_', '-', '+' "
+            f"{what} {name!r} is not allowed: use letters, digits, '.', '_', '-', '+' "
             "(no slashes or spaces, at most 128 characters)"
         )
     return name
@@ -115,7 +116,7 @@ def _create_run_dir(runs_dir: Path, name: str | None, stem: str) -> Path:
     generated name that exists (two runs in the same second) gets a ``-2``, ``-3`` ... suffix."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     if name is not None:
-        path = runs_dir / _check_name(name)
+        path = runs_dir / check_name(name)
         try:
             path.mkdir(exist_ok=False)
         except FileExistsError:
@@ -123,7 +124,7 @@ def _create_run_dir(runs_dir: Path, name: str | None, stem: str) -> Path:
                 f"run folder {path} already exists; runs are never overwritten: pick another --name"
             ) from None
         return path
-    base = _check_name(f"{stem}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    base = check_name(f"{stem}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     for k in range(1, 100):
         path = runs_dir / (base if k == 1 else f"{base}-{k}")
         try:
@@ -433,7 +434,7 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
     if any(params.parse_override(o)[0] == "run_dir" for o in overrides):
         raise params.ParamError("--set run_dir: run_dir is chosen by `salt run` (use --name / --runs-dir)")
     if name is not None:
-        _check_name(name)
+        check_name(name)
     nb_dir = Path(notebooks_dir) if notebooks_dir else NOTEBOOKS_DIR
     declared = {}
     for nb in NOTEBOOKS:

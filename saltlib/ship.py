@@ -191,9 +191,12 @@ def ship(run_dir, name: str, models_dir=None, benchmark_file=None) -> Path:
     Raises:
         FileExistsError: ``models/<name>`` exists (shipped bundles are not overwritten).
         FileNotFoundError: the run lacks ``run.json``, ``metrics.json`` or ``bundle/``.
+        ValueError: ``name`` is not a plain folder name (a slash, a space, ``..``).
     """
+    from .runner import check_name
+
     run_dir = Path(run_dir)
-    dest = Path(models_dir or PROJECT_ROOT / "models") / name
+    dest = Path(models_dir or PROJECT_ROOT / "models") / check_name(name, "bundle name")
     if dest.exists():
         raise FileExistsError(f"{dest} exists; shipped bundles are not overwritten (pick another --name)")
     info = _read_json(run_dir / "run.json")

@@ -15,6 +15,8 @@ Files in a fold folder ``OUT/fold<k>/``::
     snapshot<i>.keras     stage i's final weights, for each stage listed in ``snapshots``
     oof.npz               out-of-fold ids, logits and flipped-TTA logits (float16) of the fold's
                           ensemble: the mean over model.keras and the snapshots
+    recipe.json           the recipe the fold was started with (see :func:`recipe`)
+    split.json            which images it trains and validates on (see :func:`split_record`)
     done.json             marks the fold finished, with its scores and timings
 """
 
@@ -64,6 +66,25 @@ def recipe_diff(recorded: dict, cfg: dict) -> dict:
 def _diff_text(diff: dict, here: str) -> str:
     """A :func:`recipe_diff` result as ``"key: recorded there, value <here>; ..."``."""
     return "; ".join(f"{k}: {a!r} there, {b!r} {here}" for k, (a, b) in diff.items())
+
+
+def split_record(ids, folds: np.ndarray, fold: int) -> dict:
+    """What a fold trains and validates on (``split.json``): image counts and a digest of the
+    held-out ids, so a resume on other data (another ``limit`` or ``data_dir``, a changed data set)
+    is caught even though the recipe is the same.
+
+    Args:
+        ids: ``(N,)`` image ids of the data set.
+        folds: ``(N,)`` fold number of each image.
+        fold: the held-out fold.
+    Returns:
+        dict with ``train_images``, ``val_images`` and ``val_ids_sha256`` (of the sorted held-out ids).
+    """
+    import hashlib
+
+    val = sorted(str(i) for i in np.asarray(ids)[np.asarray(folds) == fold])
+    return {"train_images": int(len(folds) - len(val)), "val_images": len(val),
+            "val_ids_sha256": hashlib.sha256("\n".join(val).encode()).hexdigest()}
 
 
 class TrainingError(RuntimeError):
@@ -291,13 +312,26 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
     now = recipe(cfg)
     recorded = io.read_json(recipe_path) if recipe_path.exists() else None
     diff = recipe_diff(recorded, cfg) if recorded is not None else {}
+    # the images: a fold recorded before split.json existed is taken as it is
+    split_path, split = fold_dir / "split.json", split_record(dataset.ids, folds, fold)
+    old_split = io.read_json(split_path) if split_path.exists() else None
+    split_diff = {k: (old_split[k], v) for k, v in split.items() if old_split and old_split.get(k) != v}
     if done_path.exists():
         summary = json.loads(done_path.read_text())
         print(f"fold {fold}: already trained (val_score {summary['val_score']:.4f}), skipping")
         if diff:
             print(f"fold {fold}: NOTE it was trained with a different recipe ({recipe_path}): "
                   + _diff_text(diff, "here"))
+        if split_diff:
+            print(f"fold {fold}: NOTE it was trained on other images ({split_path}): " + _diff_text(split_diff, "here")
+                  + "; its out-of-fold scores are for those images")
         return summary
+    if split_diff:
+        raise ValueError(
+            f"fold {fold} in {fold_dir} was started on other images ({split_path}); resuming it would train on "
+            "held-out images: " + _diff_text(split_diff, "now") + ". Use another --out folder, or the same data "
+            "(limit, data_dir)."
+        )
     extends = (  # more stages after finished ones (a warm restart added later) is a clean resume
         set(diff) == {"stages"}
         and now["stages"][: len(recorded["stages"])] == recorded["stages"]
@@ -310,6 +344,8 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
         )
     if extends or not recipe_path.exists():
         io.write_json(recipe_path, now)
+    if old_split is None:
+        io.write_json(split_path, split)
 
     train_idx, val_idx = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
     x_tr, y_tr = dataset.images[train_idx], dataset.masks[train_idx]

@@ -26,3 +26,15 @@ def test_salt_data_without_data_says_how_to_get_it(tmp_path, capsys):
     assert cli.main(["data", "--dest", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "no TGS data found" in err and "data/README.md" in err and "--kaggle" in err
+
+
+def test_salt_train_checks_folds_like_a_parameter(tmp_path, capsys):
+    """``--folds`` goes through the parameter checks before any data is read or anything trained."""
+    from saltlib.runner import PROJECT_ROOT
+
+    smoke = str(PROJECT_ROOT / "params" / "smoke.yaml")  # n_folds: 3
+    assert cli.main(["train", smoke, "--out", str(tmp_path / "m"), "--folds", "7"]) == 2
+    assert "salt train: error: --set folds=[7]: parameter 'folds' has fold 7 but n_folds is 3" in capsys.readouterr().err
+    assert cli.main(["train", smoke, "--out", str(tmp_path / "m"), "--folds", "0,x"]) == 2
+    assert "salt train: error: --folds '0,x': expected fold numbers" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

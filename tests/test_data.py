@@ -181,6 +181,31 @@ def damage_wrong_size(s):
     return [str(s.image_path(7)), "is 100x101, expected 101x101"]
 
 
+def _png_header_only(path, width, height):
+    """A PNG whose header claims ``width`` x ``height`` (8-bit gray) and holds no pixel data: what
+    Pillow reads at open() without decoding anything."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+
+
+def damage_huge_image(s):
+    # 400 M pixels: Pillow refuses it at open() as a decompression bomb, before any size check
+    _png_header_only(s.image_path(4), 20000, 20000)
+    return [str(s.image_path(4)), "far larger than 101x101"]
+
+
+def damage_large_image_header(s):
+    # 10 M pixels: refused from the header, without decoding (there is nothing to decode)
+    _png_header_only(s.image_path(5), 5000, 2000)
+    return [str(s.image_path(5)), "is 5000x2000, expected 101x101"]
+
+
 def damage_wrong_mask_size(s):
     Image.fromarray(np.zeros((128, 128), np.uint8)).save(s.mask_path(1))
     return [str(s.mask_path(1)), "128x128"]

@@ -219,6 +219,17 @@ def test_threshold_counts_are_pixel_counts():
     np.testing.assert_array_equal(t_area[:, 0], truth.sum(axis=(1, 2)))
 
 
+def test_threshold_counts_of_one_2d_mask_is_one_image():
+    """A single (H, W) mask counts as one image, as in image_scores (not one image per row)."""
+    truth = np.array([[1, 1, 0], [0, 1, 0]], bool)
+    values = np.array([[2.0, -1.0, 0.5], [0.2, 3.0, -2.0]])
+    inter, t_area, p_area = metric.threshold_counts(truth, values, [0.0, 1.0])
+    # cut-off 0: predicted {(0,0), (0,2), (1,0), (1,1)}, 2 of them in truth; cut-off 1: {(0,0), (1,1)}
+    assert inter.tolist() == [[2, 2]] and t_area.tolist() == [[3]] and p_area.tolist() == [[4, 2]]
+    assert [a.tolist() for a in metric.threshold_counts(truth[None], values[None], [0.0, 1.0])] == \
+        [inter.tolist(), t_area.tolist(), p_area.tolist()]
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 7, 1000])
 def test_chunked_counts_equal_reference(monkeypatch, chunk):
     monkeypatch.setattr(metric, "_CHUNK", chunk)

@@ -201,7 +201,7 @@ VALID = {
     "limit": st.integers(0, 10**6),
     "seed": st.integers(0, 2**40),
     "n_folds": st.just(20),
-    "folds": st.lists(st.integers(0, 19), max_size=5),
+    "folds": st.lists(st.integers(0, 19), min_size=1, max_size=5),  # at least one (checked)
     "base_filters": st.integers(1, 256),
     "depth": st.integers(1, 5),
     "blocks_per_level": st.integers(0, 8),
@@ -362,3 +362,41 @@ def test_repo_parameter_files_are_valid():
         assert set(loaded) == set(SPEC), path
         raw = yaml.safe_load(path.read_text()) or {}
         assert set(raw) <= set(SPEC), path
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """Plain YAML keeps the last of two equal keys silently; a parameter file must not."""
+    path = write(tmp_path, "seed: 1\nlimit: 4\nseed: 7\n")
+    with pytest.raises(ParamError, match=r"p.yaml: key 'seed' is given twice \(lines 1 and 3\)"):
+        params.load(path)
+    nested = write(tmp_path, "stages:\n  - {loss: bce, epochs: 1, lr: 0.1, epochs: 2}\n", "n.yaml")
+    with pytest.raises(ParamError, match="n.yaml: key 'epochs' is given twice"):
+        params.load(nested)
+    with pytest.raises(ParamError, match=r"--set 'stages=.*key 'lr' is given twice"):
+        params.load(None, ["stages=[{loss: bce, epochs: 1, lr: 0.1, lr: 0.2}]"])
+
+
+def test_override_is_checked_against_the_file_not_the_defaults(tmp_path):
+    path = write(tmp_path, "n_folds: 10\nfolds: [0]\n")
+    assert params.load(path, ["folds=[7]"])["folds"] == [7]  # the file's n_folds is 10
+    with pytest.raises(ParamError, match="--set folds=\\[12\\]: parameter 'folds' has fold 12 but n_folds is 10"):
+        params.load(path, ["folds=[12]"])
+    with pytest.raises(ParamError, match="--set n_folds=5: parameter 'folds' has fold 7 but n_folds is 5"):
+        params.load(path, ["folds=[7]", "n_folds=5"])
+
+
+def test_folds_must_not_be_empty(tmp_path):
+    with pytest.raises(ParamError, match="p.yaml: parameter 'folds' is empty"):
+        params.load(write(tmp_path, "folds: []\n"))
+    with pytest.raises(ParamError, match="--set folds=\\[\\]: parameter 'folds' is empty"):
+        params.load(None, ["folds=[]"])
+
+
+def test_snapshots_must_be_earlier_stages(tmp_path):
+    two = "stages:\n  - {loss: bce, epochs: 1, lr: 0.1}\n  - {loss: lovasz, epochs: 1, lr: 0.1}\n"
+    assert params.load(write(tmp_path, two + "snapshots: [1]\n"))["snapshots"] == [1]
+    with pytest.raises(ParamError, match=r"p.yaml: parameter 'snapshots' has stage 2, but of the 2 in 'stages' only stage 1 is earlier"):
+        params.load(write(tmp_path, two + "snapshots: [2]\n"))
+    # a --set that shortens the stages under the file's snapshots is blamed on that --set
+    with pytest.raises(ParamError, match=r"--set stages=.*'snapshots' has stage 1, but 'stages' has one stage, so none is"):
+        params.load(write(tmp_path, two + "snapshots: [1]\n"), ["stages=[{loss: bce, epochs: 1, lr: 0.1}]"])

@@ -81,6 +81,9 @@ MALFORMED = [
     ("1.5 2", "not an integer"),
     ("1 2.0", "not an integer"),
     ("a b", "not an integer"),
+    ("1_0 5", "not an integer"),  # Python's int() reads this as 10
+    ("\u0661 5", "not an integer"),  # an Arabic-Indic one, which int() also takes
+    ("1 +-2", "not an integer"),
     ("0 3", "below 1"),  # starts are 1-indexed
     ("-4 3", "below 1"),
     ("5 0", "length 0 is below 1"),

@@ -175,3 +175,10 @@ def test_shipped_bundles_are_complete(bundle_dir):
     x = np.random.default_rng(0).random((3, 101, 101, 1)).astype(np.float32)
     masks = bundle.predict_masks(x)
     assert masks.shape == (3, 101, 101) and masks.dtype == bool
+
+
+@pytest.mark.parametrize("name", ["../outside", "a/b", ""])
+def test_ship_refuses_a_name_that_is_not_a_folder_name(smoke_ok, tmp_path, name):
+    with pytest.raises(ValueError, match="bundle name .* is not allowed"):
+        ship.ship(smoke_ok.run_dir, name, models_dir=tmp_path / "models")
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "models").exists()

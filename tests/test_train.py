@@ -62,7 +62,7 @@ def test_fold_outputs(trained, dataset):
     ds, folds = dataset
     names = sorted(p.name for p in fold_dir.iterdir())
     assert names == sorted(
-        ["done.json", "history.csv", "model.keras", "oof.npz", "recipe.json", "stage1.weights.h5",
+        ["done.json", "history.csv", "model.keras", "oof.npz", "recipe.json", "split.json", "stage1.weights.h5",
          "stage2.weights.h5", "timing.json"]
     ), names  # the BackupAndRestore folders are gone and no temporary file is left
     recorded = json.loads((fold_dir / "recipe.json").read_text())
@@ -185,6 +185,47 @@ def test_half_trained_fold_refuses_another_recipe(trained, dataset, tmp_path, ch
         train.train_fold(ds, folds, 1, {**TINY, **change}, half.parent, verbose=0)
     assert named in str(err.value) and str(half / "recipe.json") in str(err.value)
     assert {p.name: p.stat().st_mtime_ns for p in half.iterdir()} == before  # nothing touched
+
+
+def test_split_record_names_the_images():
+    ids = np.array(["c", "a", "b", "d"])
+    rec = train.split_record(ids, np.array([0, 1, 1, 0]), 1)
+    assert rec["train_images"] == 2 and rec["val_images"] == 2
+    import hashlib
+
+    assert rec["val_ids_sha256"] == hashlib.sha256(b"a\nb").hexdigest()  # sorted held-out ids
+    assert train.split_record(ids[::-1], np.array([0, 1, 1, 0]), 1) == rec  # same images, any order
+    assert train.split_record(ids, np.array([0, 1, 0, 1]), 1)["val_ids_sha256"] != rec["val_ids_sha256"]
+
+
+def test_fold_records_its_images(trained, dataset):
+    fold_dir, _ = trained
+    ds, folds = dataset
+    assert json.loads((fold_dir / "split.json").read_text()) == train.split_record(ds.ids, folds, 1)
+
+
+def test_half_trained_fold_refuses_other_images(trained, dataset, tmp_path, capsys):
+    """Resuming on other images (another ``limit`` or ``data_dir``) would train on images the fold
+    held out: refused, naming what changed, nothing touched. A finished fold is reused with a note."""
+    fold_dir, summary = trained
+    ds, folds = dataset
+    half = _unfinished_copy(fold_dir, tmp_path / "models", "stage2.weights.h5")
+    other = {**train.split_record(ds.ids, folds, 1), "train_images": 9999, "val_ids_sha256": "0" * 64}
+    (half / "split.json").write_text(json.dumps(other))
+    before = {p.name: p.stat().st_mtime_ns for p in half.iterdir()}
+    with pytest.raises(ValueError, match="started on other images") as err:
+        train.train_fold(ds, folds, 1, TINY, half.parent, verbose=0)
+    assert f"train_images: 9999 there, {len(ds.ids) - (folds == 1).sum()} now" in str(err.value)
+    assert {p.name: p.stat().st_mtime_ns for p in half.iterdir()} == before
+
+    done = tmp_path / "done"
+    import shutil
+
+    shutil.copytree(fold_dir, done / "fold1")
+    (done / "fold1" / "split.json").write_text(json.dumps(other))
+    capsys.readouterr()
+    assert train.train_fold(ds, folds, 1, TINY, done, verbose=0) == summary
+    assert "NOTE it was trained on other images" in capsys.readouterr().out
 
 
 def test_more_stages_after_finished_ones_resume(trained, dataset, tmp_path):

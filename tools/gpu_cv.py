@@ -241,7 +241,7 @@ def _float32(w: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- back here
 def _fold_records(logs, seed, fold, dest, row, hardware) -> None:
     """Make ``dest`` a fold folder as ``salt train`` leaves it (so ``salt run --resume`` and the
-    model card use it): the worker's ``history.csv``, ``recipe.json``, ``timing.json`` and
+    model card use it): the worker's ``history.csv``, ``recipe.json``, ``split.json``, ``timing.json`` and
     ``done.json`` from ``logs``, the scores replaced by those of the rebuilt model here, and
     ``hardware`` (what trained it) added."""
     from saltlib import io
@@ -250,7 +250,7 @@ def _fold_records(logs, seed, fold, dest, row, hardware) -> None:
         return
     with tarfile.open(logs) as tar:
         names = set(tar.getnames())
-        for name in ("history.csv", "recipe.json", "timing.json", "done.json"):
+        for name in ("history.csv", "recipe.json", "split.json", "timing.json", "done.json"):
             member = f"s{seed}/fold{fold}/{name}"
             if member in names:
                 with io.atomic_path(dest / name) as tmp:
