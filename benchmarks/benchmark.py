@@ -343,14 +343,7 @@ def machine_info() -> dict:
     from saltlib import hardware
 
     info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "bfloat16": hardware.describe()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+            "bfloat16": hardware.describe(), "cpu": hardware.cpu_model()}
     try:
         import importlib.metadata as md
 
@@ -421,7 +414,7 @@ def main(argv=None) -> int:
         specs.append({**parse_variant(v), **common})
 
     info = machine_info()
-    print(f"machine: {info.get('cpu', '?')}, {info['cpu_count']} cores; TensorFlow {info.get('tensorflow', '?')}, "
+    print(f"machine: {info.get('cpu') or '?'}, {info['cpu_count']} cores; TensorFlow {info.get('tensorflow', '?')}, "
           f"Keras {info.get('keras', '?')}; {info['bfloat16']}")
     print(f"training: batch {common['batch_size']}, {common['warmup_steps']} warm-up + {common['train_steps']} timed "
           f"steps, synthetic data, bce+lovasz; inference: {common['infer_images']} images, batch "

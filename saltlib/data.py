@@ -146,10 +146,19 @@ def read_images(paths, kind: str = "image") -> np.ndarray:
 
 
 def list_pngs(folder) -> list[str]:
-    """Sorted ids (file stems) of the ``*.png`` files in ``folder``; error if the folder is missing."""
+    """Sorted ids (file stems) of the ``*.png`` files in ``folder``.
+
+    Raises:
+        DataError: the folder is missing, or holds PNGs named ``*.PNG`` (any other case), which
+            would otherwise be left out without a word: every reader builds ``<id>.png``.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"missing folder: {folder}")
+    odd = sorted(p.name for p in folder.iterdir() if p.suffix.lower() == ".png" and p.suffix != ".png")
+    if odd:
+        raise DataError(f"{folder}: {len(odd)} file(s) end in another case of .png, e.g. {odd[0]}; "
+                        "rename them to .png (ids are read as <id>.png)")
     return sorted(p.stem for p in folder.glob("*.png"))
 
 

@@ -103,3 +103,31 @@ def describe() -> str:
     if cpu_bf16():
         return "bfloat16 native on the CPU (" + ", ".join(sorted(cpu_flags() & {*BF16_CPU_FLAGS, "bf16"})) + ")"
     return "bfloat16 not native on this CPU (no avx512_bf16 / amx_bf16): emulated, slower than float32"
+
+
+def cpu_model(cpuinfo: str | None = None) -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo`` (None where it is not there)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        if line.split(":", 1)[0].strip() == "model name":
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def nvidia_gpus() -> list[str]:
+    """Names of the NVIDIA GPUs that ``nvidia-smi -L`` lists ([] without the tool or a GPU). Cheap:
+    no TensorFlow import, so run records can say what trained."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0:
+        return []
+    return [line.split(":", 1)[1].split("(UUID")[0].strip() for line in out.stdout.splitlines()
+            if line.startswith("GPU ") and ":" in line]

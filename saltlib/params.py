@@ -92,8 +92,10 @@ def _number_list(v):
     return None
 
 
-def _int_list(lo=None, hi=None):
+def _int_list(lo=None, hi=None, nonempty=False):
     def check(v):
+        if nonempty and not v:
+            return "must list at least one value"
         for x in v:
             if not isinstance(x, int) or isinstance(x, bool):
                 return f"items must be integers, got {x!r}"
@@ -165,7 +167,7 @@ SPEC: dict[str, Param] = {
     "strategy": Param(str, "default", "tf.distribute strategy", _one_of("default", "mirrored", "multi_worker")),
     # notebooks
     "n_samples": Param(int, 12, "images shown in galleries", _range(1, 100)),
-    "min_sizes": Param(list, [0, 10, 25, 50, 100, 200], "small-mask sizes (pixels) tried in post-processing", _int_list(0, 10201)),
+    "min_sizes": Param(list, [0, 10, 25, 50, 100, 200], "small-mask sizes (pixels) tried in post-processing", _int_list(0, 10201, nonempty=True)),
     "peak_gates": Param(list, [], "largest-logit gates tried in post-processing: an image whose largest logit "
                         "is at most g is predicted empty ([] = no gate)", _number_list),
     "test_dir": Param(str, "", "folder of test PNGs ('' = DATA/test/images)"),

@@ -570,7 +570,13 @@ def predict_folder(model_dir, images_dir, out_csv, batch_size: int = 64, chunk_s
     n_chunks = math.ceil(len(ids) / chunk_size)
     for c in range(n_chunks):
         chunk = images[c * chunk_size:(c + 1) * chunk_size]
-        masks = bundle.predict_masks(chunk, batch_size=batch_size)
+        logits = bundle.predict_logits(chunk, batch_size=batch_size)
+        bad = np.flatnonzero(~np.isfinite(logits.reshape(len(logits), -1)).all(axis=1))
+        if len(bad):  # NaN > threshold is False: it would be written as "no salt" without a word
+            names = [str(ids[c * chunk_size + b]) for b in bad[:5]]
+            raise ValueError(f"{bundle.path}: the models predict NaN or infinite logits for {len(bad)} image(s) of "
+                             f"{images_dir}, e.g. {', '.join(names)} (a diverged model?); nothing written to {out_csv}")
+        masks = postprocess(logits, bundle.threshold, bundle.min_size, bundle.peak_gate)
         n_empty += int((~masks.any(axis=(1, 2))).sum())
         rles.extend(rle.encode(m) for m in masks)
         done, spent = len(rles), time.time() - t2

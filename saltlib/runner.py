@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from . import io, params
+from . import hardware, io, params
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
@@ -136,10 +136,16 @@ def _create_run_dir(runs_dir: Path, name: str | None, stem: str) -> Path:
 
 
 # --------------------------------------------------------------------------- provenance
+#: the folders whose files a run executes (untracked files there make the checkout dirty)
+CODE_DIRS = ("saltlib", "notebooks", "params", "tools")
+
+
 def git_info(root=PROJECT_ROOT) -> dict:
     """``{"commit", "dirty", "branch"}`` of the project checkout (None values without git).
 
-    ``dirty`` is True when tracked files differ from the commit (untracked files are ignored).
+    ``dirty`` is True when tracked files differ from the commit, or when files that git does not
+    track and does not ignore sit among the code a run executes (``saltlib/``, ``notebooks/``,
+    ``params/``, ``tools/``): a new module is part of the run but not of the commit.
     """
     def git(*args):
         out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
@@ -150,7 +156,8 @@ def git_info(root=PROJECT_ROOT) -> dict:
     try:
         return {
             "commit": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")
+                          or git("status", "--porcelain", "--untracked-files=all", "--", *CODE_DIRS)),
             "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
         }
     except (OSError, RuntimeError, subprocess.SubprocessError):
@@ -446,8 +453,12 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
         if unknown:
             raise params.ParamError(f"{path}: parameters cell declares {unknown}, not in saltlib.params.SPEC")
     data_root = data.find_data_dir(cfg["data_dir"] or None)
+    # 04 predicts the test images after hours of training: a missing folder must stop the run now
     if cfg["test_dir"] and not Path(cfg["test_dir"]).is_dir():
         raise data.DataError(f"test_dir {cfg['test_dir']} is not a folder")
+    if not cfg["test_dir"] and not (data_root / "test" / "images").is_dir():
+        raise data.DataError(f"no test images: {data_root / 'test' / 'images'} is not a folder (notebook 04 "
+                             "predicts them); set test_dir to a folder of test PNGs")
     if kernel_name == KERNEL_NAME:
         ensure_kernel()
 
@@ -461,7 +472,8 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
     else:
         run_dir = _create_run_dir(runs_dir, name, Path(params_path).stem).resolve()
     cfg["run_dir"] = str(run_dir)
-    if not (run_dir / "params.yaml").exists():
+    recorded = params.read_yaml(run_dir / "params.yaml") if (run_dir / "params.yaml").exists() else None
+    if recorded is None or any(recorded.get(k) != cfg[k] for k in RESUME_MAY_CHANGE):  # a resume may change these
         io.write_text(run_dir / "params.yaml", _params_yaml(cfg, params_path, overrides))
     info = {
         "name": run_dir.name,
@@ -475,7 +487,8 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
         "started": _now(),
         "ended": None,
         "seconds": None,
-        "host": {"hostname": socket.gethostname(), "pid": os.getpid(), "cpus": os.cpu_count()},
+        "host": {"hostname": socket.gethostname(), "pid": os.getpid(), "cpus": os.cpu_count(),
+                 "cpu": hardware.cpu_model(), "gpus": hardware.nvidia_gpus()},
         "git": git_info(),
         "versions": package_versions(),
         "data": data_fingerprint(data_root, cfg["test_dir"] or None),
@@ -546,6 +559,11 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
     return run_dir
 
 
+#: parameters a resumed run may change: only notebook 04 reads them (which test images to predict),
+#: and a resume runs 04 again; everything else would mix two configurations in one run folder
+RESUME_MAY_CHANGE = ("test_dir", "test_limit")
+
+
 def _prepare_resume(run_dir: Path, cfg: dict) -> list:
     """Check that ``run_dir`` holds a failed or killed run with parameters ``cfg`` and move its
     notebooks, reports and results to ``attempts/<k>/``. Returns the updated list of attempts."""
@@ -564,7 +582,7 @@ def _prepare_resume(run_dir: Path, cfg: dict) -> list:
     if status == "running":
         raise FileExistsError(f"run {run_dir.name} is still running (pid {old.get('host', {}).get('pid')})")
     before = old.get("params") or {}
-    differ = sorted(k for k in set(before) | set(cfg) if before.get(k) != cfg.get(k))
+    differ = sorted(k for k in set(before) | set(cfg) if before.get(k) != cfg.get(k) and k not in RESUME_MAY_CHANGE)
     if differ:
         raise params.ParamError(
             f"cannot resume run {run_dir.name} with different parameters ({', '.join(differ)}); resume it with "
@@ -572,6 +590,8 @@ def _prepare_resume(run_dir: Path, cfg: dict) -> list:
         )
     attempts = list(old.get("attempts") or [])
     k = len(attempts) + 1
+    while (run_dir / "attempts" / str(k)).exists():  # left by a resume interrupted before run.json was rewritten
+        k += 1
     archive = run_dir / "attempts" / str(k)
     archive.mkdir(parents=True, exist_ok=False)
     moved = []

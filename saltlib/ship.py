@@ -9,7 +9,6 @@ hardware, and the commands that reproduce it. A finished run is required.
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
 from . import io, predict, train
@@ -61,6 +60,21 @@ def _bundle_sentence(metrics: dict) -> str:
     return text + "."
 
 
+def _pct(x) -> str:
+    """``0.968`` -> ``"96.8%"``; None (no such images in the scored set) -> ``"n/a"``."""
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _data_sentence(info: dict) -> str:
+    """The card's data line, from the run's records (folder, file counts, fingerprint, ``limit``)."""
+    d, p = info.get("data") or {}, info.get("params") or {}
+    files = d.get("files") or {}
+    n = files.get("train/images")
+    used = (f"the first {p['limit']} of the {n} labelled images" if p.get("limit") else f"the {n} labelled images")
+    return (f"- Data: {used if n is not None else 'the labelled images'} in `{d.get('dir', '?')}`"
+            f" (data fingerprint sha256 {str(d.get('sha256'))[:16]}…, in `run.json`, copied here).")
+
+
 def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
     """The Markdown model card of a finished run.
 
@@ -98,16 +112,16 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         f"  of [IoU > t], per image, averaged) on {metrics['n_images']} labelled images the model did not train",
         f"  on: fold(s) {metrics['folds']} of a {metrics['n_folds']}-fold split stratified by salt coverage, with the",
         "  post-processing below. "
-        + ("The cut-off, the small-mask size and the largest-logit gate were chosen on these same images (three"
-           if metrics.get("peak_gate") is not None
-           else "The cut-off and small-mask size were chosen on these same images (two"),
+        + ("Flip TTA or not, the cut-off, the small-mask size and the largest-logit gate were chosen on these same"
+           " images (four" if metrics.get("peak_gate") is not None
+           else "Flip TTA or not, the cut-off and the small-mask size were chosen on these same images (three"),
         "  numbers, so the optimism is small); the score at logit 0 without TTA or small-mask removal is",
         f"  {metrics['cv_score_untuned']:.4f}.",
         "- Per fold: " + ", ".join(f"fold {f}: {s:.4f}" for f, s in metrics["per_fold"].items())
         + (". Each fold is scored by its own model, which did not train on it." if len(metrics["per_fold"]) > 1 else ""),
         _bundle_sentence(metrics),
-        f"- Empty images predicted empty: {metrics['empty_accuracy']:.1%}; salt images with salt predicted:"
-        f" {metrics['salt_recall']:.1%}.",
+        f"- Empty images predicted empty: {_pct(metrics.get('empty_accuracy'))}; salt images with salt predicted:"
+        f" {_pct(metrics.get('salt_recall'))}.",
         "- Per coverage class (0 = empty, k = up to k*10% salt):",
         "",
         "| class | images | score |",
@@ -137,8 +151,7 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         "- Stages: " + "; ".join(f"{s['loss']} for {s['epochs']} epochs from lr {s['lr']:g} (cosine)" for s in p.get("stages", [])),
         f"- Batch {p.get('batch_size')}, Adam; augmentation: flip {p.get('flip')}, zoom {p.get('zoom')}"
         f" (p {p.get('p_zoom')}), brightness/contrast {p.get('brightness')}. Seed {p.get('seed')}.",
-        "- Data: the 3,400 labelled images of `../shared/data/tgs-salt` (Kaggle's train set less 600 held out by"
-        " the maintainers); fingerprint in `run.json`.",
+        _data_sentence(info),
         "",
         "## Training",
         "",
@@ -154,14 +167,20 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         )
     cpu_s = sum(r.get("seconds", 0) for r in fold_rows if not r.get("hardware"))
     other = [r for r in fold_rows if r.get("hardware")]
+    host = info.get("host") or {}
+    gpus = host.get("gpus")  # recorded by `salt run` since 2026-11-27; None in older runs
     lines += [
-        f"- Hardware: {cpu} CPU cores ({platform.processor() or platform.machine()}), no GPU"
+        f"- Hardware: {cpu} CPU cores ({host.get('cpu') or 'processor not recorded'}), "
+        + ("no GPU" if gpus == [] else f"GPU(s): {', '.join(gpus)}" if gpus else "GPUs not recorded")
         + (f", for fold(s) {[r['fold'] for r in fold_rows if not r.get('hardware')]}" if other else "")
-        + f"; {cpu_s / 3600 * (cpu or 1):.1f} CPU-core-hours of training (wall time x cores)."
+        + (f"; {cpu_s / 3600:.2f} h of training (wall time)." if gpus else
+           f"; {cpu_s / 3600 * (cpu or 1):.1f} CPU-core-hours of training (wall time x cores).")
         + (f" Fold(s) {[r['fold'] for r in other]}: {sum(r['seconds'] for r in other) / 60:.1f} min of training"
            " summed over the folds, on the hardware named above (folds trained at the same time share it;"
            " tools/gpu_cv.py; the `salt train` lines below reproduce them on a CPU)." if other else ""),
-        f"- Code: git commit {info.get('git', {}).get('commit')}; versions: "
+        f"- Code: git commit {info.get('git', {}).get('commit')}"
+        + (" **with uncommitted changes** (the commit alone does not reproduce it)" if info.get("git", {}).get("dirty")
+           else "") + "; versions: "
         + ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items()),
         "",
         "## Reproduce",
@@ -211,5 +230,6 @@ def ship(run_dir, name: str, models_dir=None, benchmark_file=None) -> Path:
                          peak_gate=spec["peak_gate"])
     io.write_text(dest / "params.yaml", (run_dir / "params.yaml").read_text())
     io.write_text(dest / "metrics.json", (run_dir / "metrics.json").read_text())
+    io.write_text(dest / "run.json", (run_dir / "run.json").read_text())  # provenance: data, code, host
     io.write_text(dest / "MODEL_CARD.md", card)
     return dest

@@ -529,3 +529,13 @@ def test_make_data_dir_is_deterministic(tmp_path):
         k = a.ids.tolist().index(i)
         np.testing.assert_array_equal(rle.decode(text), a.masks[k])
     assert isinstance(a.root, Path)
+
+
+def test_list_pngs_refuses_other_cases_of_the_extension(tmp_path):
+    for name in ("a.png", "b.PNG", "c.Png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(DataError, match=r"2 file\(s\) end in another case of .png, e.g. b.PNG"):
+        data.list_pngs(tmp_path)
+    (tmp_path / "b.PNG").unlink()
+    (tmp_path / "c.Png").unlink()
+    assert data.list_pngs(tmp_path) == ["a"]

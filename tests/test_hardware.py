@@ -49,3 +49,22 @@ def test_mixed_precision_auto(monkeypatch, setting, native, expected):
     assert model.get_layer("enc1_conv").dtype_policy.name == ("mixed_bfloat16" if expected else "float32")
     saved = train.build_model(cfg, for_inference=True)
     assert saved.get_layer("enc1_conv").dtype_policy.name == ("bfloat16" if expected else "float32")
+
+
+def test_cpu_model_from_cpuinfo():
+    text = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: avx2\n"
+    assert hardware.cpu_model(text) == "AMD EPYC 7B13"
+    assert hardware.cpu_model("processor\t: 0\n") is None
+
+
+def test_nvidia_gpus_from_nvidia_smi(tmp_path, monkeypatch):
+    """Names from ``nvidia-smi -L``; [] where the tool is missing or fails (no GPU)."""
+    tool = tmp_path / "nvidia-smi"
+    tool.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-1234)'\necho 'GPU 1: NVIDIA H200 (UUID: GPU-5678)'\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert hardware.nvidia_gpus() == ["NVIDIA H200", "NVIDIA H200"]
+    tool.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    assert hardware.nvidia_gpus() == []
+    tool.unlink()
+    assert hardware.nvidia_gpus() == []

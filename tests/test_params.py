@@ -94,6 +94,7 @@ def test_int_accepted_for_float_and_converted():
         ("folds", [0, 1.0], "items must be integers"),
         ("folds", [-1], "items must be in"),
         ("min_sizes", [0, 10202], "items must be in"),
+        ("min_sizes", [], "must list at least one value"),
     ],
 )
 def test_out_of_range_named(key, value, message):
@@ -217,7 +218,7 @@ VALID = {
     "val_every": st.integers(0, 100),
     "strategy": st.sampled_from(["default", "mirrored", "multi_worker"]),
     "n_samples": st.integers(1, 100),
-    "min_sizes": st.lists(st.integers(0, 10201), max_size=6),
+    "min_sizes": st.lists(st.integers(0, 10201), min_size=1, max_size=6),
     "test_dir": st.text(max_size=10),
     "test_limit": st.integers(0, 10**6),
 }

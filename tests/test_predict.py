@@ -355,6 +355,23 @@ def test_predict_folder_failure_while_writing_leaves_old_output(bundle_dir, imag
     assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]
 
 
+def test_predict_folder_refuses_nan_logits(bundle_dir, images_dir, tmp_path, monkeypatch):
+    """A diverged model's NaN logits would pass ``> threshold`` as "no salt": refused, naming an image."""
+    out = tmp_path / "submission.csv"
+    real = predict.Bundle.predict_logits
+
+    def nan_in_second(self, images, batch_size=64):
+        logits = real(self, images, batch_size)
+        logits[1, 5, 5] = np.nan
+        return logits
+
+    monkeypatch.setattr(predict.Bundle, "predict_logits", nan_in_second)
+    ids = sorted(p.stem for p in images_dir.glob("*.png"))
+    with pytest.raises(ValueError, match=rf"NaN or infinite logits for 1 image\(s\) .* e.g. {ids[1]} .*nothing written"):
+        predict.predict_folder(bundle_dir, images_dir, out, verbose=False)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_load_bundle_members_loads_the_chosen_models(models, bundle_dir):
     from saltlib.train import predict_logits
 

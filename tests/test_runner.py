@@ -344,3 +344,40 @@ def test_resume_refuses_a_live_run(tmp_path):
               params=dict(params.load(SMOKE), run_dir=None))
     with pytest.raises(FileExistsError, match="still running"):
         runner._prepare_resume(runs / "live", {})
+
+
+def test_missing_test_images_stop_the_run_before_anything(tmp_path, synthetic, stub_notebooks):
+    """Notebook 04 predicts DATA/test/images after hours of training: without them, nothing starts."""
+    import shutil
+
+    from saltlib.data import DataError
+
+    root = tmp_path / "no-test"
+    shutil.copytree(synthetic.root, root)
+    shutil.rmtree(root / "test" / "images")
+    runs = tmp_path / "runs"
+    with pytest.raises(DataError, match=r"no test images: .*test/images is not a folder .* set test_dir"):
+        runner.run_pipeline(SMOKE, name="r", runs_dir=runs, notebooks_dir=stub_notebooks,
+                            overrides=[f"data_dir={root}"])
+    assert not (runs / "r").exists()
+
+
+def test_resume_may_change_the_test_images_and_survives_an_interrupted_resume(tmp_path, synthetic, stub_notebooks,
+                                                                             monkeypatch):
+    runs = tmp_path / "runs"
+    kw = dict(runs_dir=runs, notebooks_dir=stub_notebooks)
+    monkeypatch.setenv("SALT_TEST_FAIL_02", "1")
+    with pytest.raises(runner.RunError):
+        runner.run_pipeline(SMOKE, name="r", overrides=[f"data_dir={synthetic.root}"], **kw)
+    run = runs / "r"
+    (run / "attempts" / "1").mkdir(parents=True)  # a resume killed after archiving, before run.json was rewritten
+    monkeypatch.delenv("SALT_TEST_FAIL_02")
+    # only the test images change (notebook 04 reads them); anything else is still refused
+    with pytest.raises(params.ParamError, match=r"different parameters \(seed\)"):
+        runner.run_pipeline(run / "params.yaml", name="r", resume=True, overrides=["seed=1", "test_limit=2"], **kw)
+    runner.run_pipeline(run / "params.yaml", name="r", resume=True, overrides=["test_limit=2"], **kw)
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["params"]["test_limit"] == 2
+    assert params.read_yaml(run / "params.yaml")["test_limit"] == 2  # the folder records what ran
+    assert [a["archived"] for a in info["attempts"]] == ["attempts/2"]
+    assert (run / "attempts" / "2" / "02-train.ipynb").is_file()

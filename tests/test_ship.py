@@ -33,7 +33,7 @@ def test_ship_copies_bundle_and_writes_card(smoke_ok, tmp_path):
     bench.write_text("config  train img/s\nbundle  12.5\n")
     dest = ship.ship(smoke_ok.run_dir, "tiny", models_dir=tmp_path / "models", benchmark_file=bench)
     assert dest == tmp_path / "models" / "tiny"
-    for f in ("bundle.json", "model0.keras", "params.yaml", "metrics.json", "MODEL_CARD.md"):
+    for f in ("bundle.json", "model0.keras", "params.yaml", "metrics.json", "run.json", "MODEL_CARD.md"):
         assert (dest / f).is_file(), f
     metrics = json.loads((smoke_ok.run_dir / "metrics.json").read_text())
     card = (dest / "MODEL_CARD.md").read_text()
@@ -88,6 +88,33 @@ def test_card_names_the_hardware_of_a_fold_trained_elsewhere(smoke_ok, tmp_path)
     assert "2.0 min" in fold_line and "on one test GPU" in fold_line
     hardware = next(l for l in card.splitlines() if l.startswith("- Hardware:"))
     assert "0.0 CPU-core-hours" in hardware and "Fold(s) [0]: 2.0 min of training" in hardware
+
+
+def test_card_facts_come_from_the_run_records(smoke_ok, tmp_path):
+    """Data folder, limit, processor, GPUs and a dirty checkout are read from run.json (written where
+    the run trained), not assumed; a metric with no images to measure it (None) prints as n/a."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_ok.run_dir, run)
+    info = json.loads((run / "run.json").read_text())
+    info["host"].update(cpu="Test CPU 9000", gpus=["NVIDIA Test GPU"], cpus=16)
+    info["data"].update(dir="/elsewhere/tgs", files={**info["data"]["files"], "train/images": 400})
+    info["params"]["limit"] = 48
+    info["git"]["dirty"] = True
+    (run / "run.json").write_text(json.dumps(info))
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "empty_accuracy": None}))
+    card = (ship.ship(run, "records", models_dir=tmp_path / "models") / "MODEL_CARD.md").read_text()
+    line = lambda start: next(l for l in card.splitlines() if l.startswith(start))  # noqa: E731
+    assert "the first 48 of the 400 labelled images in `/elsewhere/tgs`" in line("- Data:")
+    assert "16 CPU cores (Test CPU 9000), GPU(s): NVIDIA Test GPU" in line("- Hardware:")
+    assert "h of training (wall time)" in line("- Hardware:") and "CPU-core-hours" not in line("- Hardware:")
+    assert "uncommitted changes" in line("- Code:")
+    assert "Empty images predicted empty: n/a" in card
+    assert "Flip TTA or not, the cut-off and the small-mask size were chosen" in card
+    info["host"]["gpus"] = []
+    (run / "run.json").write_text(json.dumps(info))
+    card = ship.model_card(run, "records")
+    assert "(Test CPU 9000), no GPU;" in card and "CPU-core-hours" in card
 
 
 @pytest.mark.parametrize(
