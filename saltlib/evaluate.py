@@ -1,0 +1,89 @@
+"""Choosing the post-processing on out-of-fold predictions, and the record of what it scores.
+
+Notebook 03 calls these; ``metrics.json`` (written from :func:`score_record`) is what
+``salt runs``, the run report and the model card (:mod:`saltlib.ship`) read, so its layout is
+defined and tested here rather than in the notebook.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import io, metric
+
+
+def choose(truth, candidates: dict, thresholds=metric.LOGIT_THRESHOLDS, min_sizes=(0,), peak_gates=()):
+    """Sweep cut-off, small-mask size and peak gate for each kind of logits and pick the best.
+
+    Args:
+        truth: ``(N,H,W)`` bool masks.
+        candidates: label -> ``(N,H,W)`` logits, e.g. ``{"plain": ..., "flip TTA": ...}``, cheapest
+            first: a tie keeps the earlier label.
+        thresholds, min_sizes, peak_gates: the grid (see :func:`saltlib.metric.sweep_thresholds`).
+    Returns:
+        ``(label, sweeps)``: the best label and every label's sweep result.
+    """
+    if not candidates:
+        raise ValueError("choose needs at least one kind of logits")
+    sweeps = {label: metric.sweep_thresholds(truth, v, thresholds, min_sizes, peak_gates)
+              for label, v in candidates.items()}
+    best = max(sweeps, key=lambda label: sweeps[label]["score"])  # max keeps the first of equals
+    return best, sweeps
+
+
+def score_record(truth, pred, fold_of, coverage_class) -> dict:
+    """Scores of out-of-fold predictions, as ``metrics.json`` records them.
+
+    Args:
+        truth: ``(N,H,W)`` bool true masks.
+        pred: ``(N,H,W)`` bool predicted masks (post-processed).
+        fold_of: ``(N,)`` the fold each image was held out in.
+        coverage_class: ``(N,)`` coverage class of each true mask (0 empty, k up to k*10% salt).
+    Returns:
+        dict with ``cv_score`` (mean over images), ``per_fold`` and ``per_coverage_class``
+        (``{"n", "score", "predicted_empty"}``), keyed by strings; ``empty_accuracy`` (share of
+        empty images predicted empty) and ``salt_recall`` (share of images with salt predicted
+        non-empty), each None when there is no such image; ``n_images``; and ``scores``, the
+        per-image scores (an array, not written to JSON by the notebook).
+    """
+    truth, pred = np.asarray(truth, bool), np.asarray(pred, bool)
+    fold_of, coverage_class = np.asarray(fold_of), np.asarray(coverage_class)
+    scores = metric.image_scores(truth, pred)
+    truth_empty, pred_empty = ~truth.any(axis=(1, 2)), ~pred.any(axis=(1, 2))
+
+    def share(sel, values):
+        return float(values[sel].mean()) if sel.any() else None
+
+    return {
+        "cv_score": float(scores.mean()) if len(scores) else None,
+        "per_fold": {str(int(f)): float(scores[fold_of == f].mean()) for f in np.unique(fold_of)},
+        "per_coverage_class": {
+            str(int(c)): {"n": int((coverage_class == c).sum()), "score": float(scores[coverage_class == c].mean()),
+                          "predicted_empty": float(pred_empty[coverage_class == c].mean())}
+            for c in np.unique(coverage_class)
+        },
+        "empty_accuracy": share(truth_empty, pred_empty),
+        "salt_recall": share(~truth_empty, ~pred_empty),
+        "n_images": int(len(scores)),
+        "scores": scores,
+    }
+
+
+def bundle_members(models_dir, folds) -> list[Path]:
+    """The model files of the given folds' ensembles, as :func:`saltlib.train.train_fold` recorded
+    them in ``done.json`` (the final model and any snapshots), fold by fold.
+
+    Raises:
+        FileNotFoundError: a fold is not finished (no ``done.json``).
+    """
+    models_dir = Path(models_dir)
+    out = []
+    for f in folds:
+        done = models_dir / f"fold{f}" / "done.json"
+        if not done.is_file():
+            raise FileNotFoundError(f"fold {f} is not trained: {done} is missing")
+        out += [done.parent / m for m in io.read_json(done).get("models", ["model.keras"])]
+    return out
+
