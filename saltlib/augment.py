@@ -162,19 +162,28 @@ def _numpy_batches_class():
     return NumpyBatches
 
 
-def make_dataset(images, masks, batch_size: int, training: bool, seed: int = 0, workers: int = 4, **aug):
+def make_dataset(images, masks, batch_size: int, training: bool, seed: int = 0, workers: int = 4,
+                 initial_epoch: int = 0, **aug):
     """Training batches: a ``tf.data.Dataset`` under the TensorFlow backend, else a
     ``keras.utils.PyDataset`` with the numpy augmentation.
+
+    Epoch ``e``'s order and augmentation are a function of ``(seed, e)`` alone, so a training run
+    resumed at epoch ``e`` (``initial_epoch``) gets exactly the batches the uninterrupted run would
+    have had, not epoch 0's again.
 
     Args:
         images: ``(N, H, W, 1)`` float32.
         masks: ``(N, H, W)`` or ``(N, H, W, 1)`` bool/0-1.
         batch_size: global batch size.
-        training: shuffle every epoch (with ``seed``), augment with ``aug`` and drop nothing.
+        training: shuffle every epoch (with ``seed``), augment with ``aug`` and drop nothing. Under
+            TensorFlow the training dataset is endless, epoch after epoch of ``ceil(N / batch_size)``
+            batches: give ``fit`` that number as ``steps_per_epoch``. Without ``training``: one
+            pass in order, unaugmented.
         seed: shuffle and augmentation seed: the same seed gives the same batches, epoch by epoch
-            (augmentation draws per-batch seeds from a seeded stream and uses stateless ops, so the
-            parallel ``map`` cannot reorder random numbers between batches).
+            (stateless per-epoch shuffles and per-batch augmentation seeds, so the parallel ``map``
+            cannot reorder random numbers between batches).
         workers: threads of the numpy pipeline (not used by ``tf.data``).
+        initial_epoch: the first epoch's number (0-based): where a resumed run starts.
         **aug: keyword arguments of :func:`augment_batch`.
     """
     import keras
@@ -182,16 +191,24 @@ def make_dataset(images, masks, batch_size: int, training: bool, seed: int = 0, 
     masks = masks.reshape(masks.shape[:3] + (1,)).astype("float32")
     images = images.astype("float32")
     if keras.backend.backend() != "tensorflow":
-        return _numpy_batches_class()(images, masks, batch_size, training, seed, workers, **aug)
+        batches = _numpy_batches_class()(images, masks, batch_size, training, seed, workers, **aug)
+        batches.epoch = initial_epoch
+        return batches
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((images, masks))
-    if training:
-        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
-    if training and aug:
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda xy, s: augment_batch(xy[0], xy[1], seed=s, **aug), num_parallel_calls=tf.data.AUTOTUNE
-        )
-    return ds.prefetch(tf.data.AUTOTUNE)
+    base = tf.data.Dataset.from_tensor_slices((images, masks))
+    if not training:
+        return base.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    n = len(images)
+
+    def one_epoch(epoch):
+        epoch_seed = tf.constant(seed, tf.int64) * 1_000_003 + epoch  # distinct per (seed, epoch)
+        ds = base.shuffle(n, seed=epoch_seed, reshuffle_each_iteration=False).batch(batch_size)
+        if aug:
+            ds = ds.enumerate().map(
+                lambda i, xy: augment_batch(xy[0], xy[1], seed=tf.stack([epoch_seed, i]), **aug),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+        return ds
+
+    return tf.data.Dataset.counter(initial_epoch).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)

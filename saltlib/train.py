@@ -391,8 +391,12 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
                 loss=stage_loss(cfg, stage["loss"]),
                 jit_compile=jit_compile(),
             )
+        # the epoch BackupAndRestore will resume at: the data stream starts there too, so a resumed
+        # stage sees the batches an uninterrupted one would have (not epoch 1's again)
+        meta = fold_dir / f"backup{s}" / "training_metadata.json"
+        initial_epoch = int(io.read_json(meta)["epoch"]) if meta.is_file() else 0
         ds = augment.make_dataset(
-            x_tr, y_tr, global_batch, training=True, seed=cfg["seed"] + 1000 * fold + s,
+            x_tr, y_tr, global_batch, training=True, seed=cfg["seed"] + 1000 * fold + s, initial_epoch=initial_epoch,
             flip=cfg["flip"], zoom=cfg["zoom"], p_zoom=cfg["p_zoom"], brightness=cfg["brightness"],
         )
         backup = Backup(str(fold_dir / f"backup{s}"), delete_checkpoint=False)
@@ -406,6 +410,7 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
             model.fit(
                 ds,
                 epochs=stage["epochs"],
+                steps_per_epoch=steps,  # the training stream is endless (augment.make_dataset)
                 verbose=verbose,
                 shuffle=False,
                 # History before backup: a kill between the two repeats the epoch (its row is

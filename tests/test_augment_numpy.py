@@ -84,6 +84,23 @@ def test_numpy_batches_are_seeded_per_epoch_and_batch():
     assert_seeded_epochs(a, b, c)
 
 
+def test_numpy_pipeline_resumes_at_its_initial_epoch(monkeypatch):
+    """make_dataset(initial_epoch=e) off TensorFlow starts at epoch e's batches."""
+    import keras
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    x, y = _square_batch(10)
+    aug = dict(flip=True, zoom=0.2, p_zoom=1.0, brightness=0.05)
+    run = augment.make_dataset(x, y[..., 0] > 0, 4, training=True, seed=3, **aug)
+    run.on_epoch_end()  # the uninterrupted run, now in epoch 1
+    resumed = augment.make_dataset(x, y[..., 0] > 0, 4, training=True, seed=3, initial_epoch=1, **aug)
+    for i in range(len(run)):
+        np.testing.assert_array_equal(resumed[i][0], run[i][0])
+        np.testing.assert_array_equal(resumed[i][1], run[i][1])
+    fresh = augment.make_dataset(x, y[..., 0] > 0, 4, training=True, seed=3, **aug)
+    assert not np.array_equal(fresh[0][0], resumed[0][0])
+
+
 def test_make_dataset_is_numpy_pipeline_off_tensorflow(monkeypatch):
     """Under a non-TensorFlow backend make_dataset returns the PyDataset; validation data keep
     their order, unaugmented."""

@@ -303,13 +303,19 @@ def test_augmentation_is_seeded_per_batch():
     y[:, 30:70, 10:40] = True
     x[..., 0][y] = 1.0  # the salt square is bright: its pixels must move with the mask
 
-    def epochs(seed, n=2):
+    def epochs(seed, n=2, initial_epoch=0):
         ds = augment.make_dataset(x, y, 4, training=True, seed=seed, flip=True, zoom=0.2, p_zoom=1.0,
-                                  brightness=0.0)
-        return [[(a.numpy(), b.numpy()) for a, b in ds] for _ in range(n)]
+                                  brightness=0.0, initial_epoch=initial_epoch)
+        it = iter(ds)  # endless: epoch after epoch of ceil(12 / 4) = 3 batches
+        return [[tuple(t.numpy() for t in next(it)) for _ in range(3)] for _ in range(n)]
 
     a, b, c = epochs(5), epochs(5), epochs(6)
     assert_seeded_epochs(a, b, c)
+    # a run resumed at epoch 1 gets the uninterrupted run's epoch 1, not its epoch 0 again
+    resumed = epochs(5, n=1, initial_epoch=1)[0]
+    for (xr, yr), (xa, ya) in zip(resumed, a[1], strict=True):
+        np.testing.assert_array_equal(xr, xa)
+        np.testing.assert_array_equal(yr, ya)
     for xb, yb in a[0] + a[1]:
         assert xb.shape[1:] == (101, 101, 1) and yb.shape == xb.shape
         assert set(np.unique(yb).tolist()) <= {0.0, 1.0}
@@ -436,6 +442,14 @@ def test_killed_training_resumes_from_last_epoch(synthetic24, tmp_path):
     assert not (fold_dir / "backup2").exists()
     summary = json.loads((fold_dir / "done.json").read_text())
     assert summary["epochs"] == 1 + RESUME_EPOCHS + 2
+
+    # the resumed epochs trained on the batches an uninterrupted run trains on (the data stream
+    # starts at the restored epoch), so its losses match epoch for epoch
+    whole = subprocess.run(_train_cmd(params, tmp_path / "whole"), capture_output=True, text=True, timeout=400,
+                           env=subprocess_env(), cwd=ROOT)
+    assert whole.returncode == 0, (whole.stdout + whole.stderr)[-4000:]
+    h_whole = pd.read_csv(tmp_path / "whole" / "fold0" / "history.csv")
+    np.testing.assert_allclose(h["loss"], h_whole["loss"], rtol=1e-4, atol=1e-6)
 
     # (a third start that finds the fold finished: test_finished_fold_is_skipped, in-process)
 
