@@ -10,7 +10,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from conftest import load_tool
+from conftest import ROOT, load_tool
 from saltlib import data, io, train
 
 
@@ -45,7 +45,7 @@ def test_bfloat16_weights_survive_npz(gpu_cv, tmp_path, empty_head):
     np.savez(tmp_path / "w.npz", **{f"w{i:03d}": w for i, w in enumerate(weights)})
     z = np.load(tmp_path / "w.npz")
     assert any(z[k].dtype.kind == "V" for k in z.files)  # what broke the first unpack
-    back = [gpu_cv._float32(z[k]) for k in sorted(z.files)]
+    back = gpu_cv._weights_in_order(z)
     assert all(b.dtype == np.float32 for b in back)
     for w, b in zip(weights, back):
         np.testing.assert_array_equal(np.asarray(w, np.float32), b)
@@ -94,3 +94,34 @@ def test_jit_compile_only_under_jax(monkeypatch, backend, expected):
 
     monkeypatch.setattr(keras.backend, "backend", lambda: backend)
     assert train.jit_compile() is expected
+
+
+def test_weights_in_order_is_numeric(gpu_cv, tmp_path):
+    """Models with over 999 weight arrays (depth 5, 8 blocks per level: 1,134) export w1000...: a
+    text sort would put w1000 before w101."""
+    arrays = {f"w{i:03d}": np.full((1,), i, np.float32) for i in (99, 100, 101, 999, 1000, 1001)}
+    np.savez(tmp_path / "w.npz", **dict(reversed(list(arrays.items()))))
+    assert [float(a[0]) for a in gpu_cv._weights_in_order(np.load(tmp_path / "w.npz"))] == [99, 100, 101, 999, 1000, 1001]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"epochs": "30,20"}, "one count >= 1 for each of the 3 stages"),
+    ({"epochs": "30,0,40"}, "one count >= 1 for each of the 3 stages"),
+    ({"probe_epochs": 2}, "--probe-epochs 2: at least 3"),
+    ({"stale": True}, "holds an earlier call's folds"),
+])
+def test_train_refuses_bad_plans_before_launching(gpu_cv, tmp_path, monkeypatch, change, message):
+    import argparse
+
+    launched = []
+    monkeypatch.setattr(gpu_cv, "_launch", lambda *a, **k: launched.append(a) or [0])
+    work = tmp_path / "work"
+    if change.pop("stale", False):
+        (work / "run" / "s0" / "fold2").mkdir(parents=True)
+    args = argparse.Namespace(jobs=["2:0"], work=str(work), params=str(ROOT / "params" / "ship-short.yaml"),
+                              budget=540, overhead=30, probe_epochs=4, epochs=None, data="x", out="y", limit=0)
+    for k, v in change.items():
+        setattr(args, k, v)
+    with pytest.raises(SystemExit, match=message):
+        gpu_cv.train_jobs(args)
+    assert launched == []

@@ -104,6 +104,11 @@ def probe(args) -> None:
                               "img_per_s": round(n / secs, 1)}), flush=True)
 
 
+def _weights_in_order(z) -> list:
+    """The float32 arrays of an exported ``w<i>`` npz in ``get_weights`` order (by number: w999 before w1000)."""
+    return [_float32(z[k]) for k in sorted(z.files, key=lambda k: int(k[1:]))]
+
+
 def _config(params_path, seed, epochs=None):
     from saltlib import params, train
 
@@ -174,11 +179,19 @@ def train_jobs(args) -> None:
     t0 = time.time()
     jobs = [tuple(int(v) for v in j.split(":")) for j in args.jobs]
     work = Path(args.work)
+    for sub in ("probe", "run"):  # a folder from an earlier call would be "already trained" and exported again
+        if (work / sub).exists() and any((work / sub).iterdir()):
+            raise SystemExit(f"--work {work}: {work / sub} holds an earlier call's folds; give a new --work folder")
+    if args.probe_epochs < 3:
+        raise SystemExit(f"--probe-epochs {args.probe_epochs}: at least 3 (the first epochs compile; the rest are timed)")
     _, tcfg, _ = _config(args.params, 0)
     planned = [st["epochs"] for st in tcfg["stages"]]
     deadline = t0 + args.budget - args.overhead
     if args.epochs:  # speed known from an earlier probe: no probe
         epochs = [int(e) for e in args.epochs.split(",")]
+        if len(epochs) != len(planned) or min(epochs) < 1:
+            raise SystemExit(f"--epochs {args.epochs}: give one count >= 1 for each of the {len(planned)} stages "
+                             f"of {args.params} (planned {','.join(map(str, planned))})")
         plan = {"planned": planned, "epochs": epochs, "jobs": args.jobs}
         print("plan:", json.dumps(plan), flush=True)
         plan["exit_codes"] = _launch(args, jobs, args.epochs, work / "run", deadline)
@@ -278,7 +291,7 @@ def unpack(args) -> None:
         fold, seed = (int(v) for v in npz.stem[1:].split("s"))
         z = np.load(npz)
         model = train.build_model(tcfg, for_inference=True)  # the exported model.keras's layers
-        model.set_weights([_float32(z[k]) for k in sorted(z.files)])
+        model.set_weights(_weights_in_order(z))
         dest = out / f"s{seed}" / f"fold{fold}"
         dest.mkdir(parents=True, exist_ok=True)
         train.save_model(model, tcfg, dest / "model.keras")
