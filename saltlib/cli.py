@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, ValueError, FileExistsError, FileNotFoundError, TrainingError) as e:
+    except (DataError, ValueError, OSError, TrainingError) as e:  # OSError: missing, existing, unwritable paths
         print(f"salt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -80,10 +80,20 @@ def download_kaggle(dest=None) -> Path:
         raise DataError("the `kaggle` command is not installed: pip install kaggle") from e
     except subprocess.CalledProcessError as e:
         raise DataError(f"kaggle download failed (exit {e.returncode}); are credentials set?") from e
-    for z in sorted(dest.glob("*.zip")):
-        with zipfile.ZipFile(z) as zf:
-            zf.extractall(dest / ("train" if z.stem == "train" else "test" if z.stem == "test" else ""))
+    extract_kaggle_zips(dest)
     return find_data_dir(dest)
+
+
+def extract_kaggle_zips(dest) -> None:
+    """Unpack every zip under ``dest`` until none is left unpacked: the competition bundle holds
+    ``train.zip`` and ``test.zip``, which go to ``train/`` and ``test/``; others unpack in place."""
+    dest, done = Path(dest), set()
+    while todo := [z for z in sorted(dest.rglob("*.zip")) if z not in done]:
+        for z in todo:
+            target = dest / "train" if z.stem == "train" else dest / "test" if z.stem == "test" else z.parent
+            with zipfile.ZipFile(z) as zf:
+                zf.extractall(target)
+            done.add(z)
 
 
 # --------------------------------------------------------------------------- reading PNGs

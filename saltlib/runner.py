@@ -273,7 +273,7 @@ def write_run_index(run_dir) -> Path:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>run {_esc(info['name'])}</title>",
              f"<style>{_CSS}</style></head><body>",
              f"<h1>Run {_esc(info['name'])}</h1>",
-             f"<p>Status: <span class='{status}'>{status}</span> &middot; started {_esc(info.get('started'))}"
+             f"<p>Status: <span class='{_esc(status)}'>{_esc(status)}</span> &middot; started {_esc(info.get('started'))}"
              f" &middot; duration {_fmt_seconds(info.get('seconds'))} &middot; parameters "
              f"<a href='params.yaml'>params.yaml</a> (from <code>{_esc(info.get('params_file'))}</code>)</p>"]
     if info.get("error"):
@@ -658,8 +658,14 @@ def read_runs(runs_dir=None) -> list[dict]:
     for p in sorted(runs_dir.glob("*/run.json")):
         try:
             info = json.loads(p.read_text())
+            if not isinstance(info, dict):
+                raise ValueError(f"expected a JSON object, got {type(info).__name__}")
+            for key, kind in (("notebooks", list), ("params", dict), ("metrics", dict), ("host", dict)):
+                if info.get(key) is not None and not isinstance(info[key], kind):
+                    raise ValueError(f"{key!r} is a {type(info[key]).__name__}, not a {kind.__name__}")
         except (OSError, ValueError) as e:
-            info = {"name": p.parent.name, "status": "broken", "error": str(e)}
+            info = {"status": "broken", "error": str(e)}
+        info["name"] = p.parent.name  # the folder: links and listings must follow a renamed run
         info["_dir"] = p.parent
         info["_status"] = _status(info)
         out.append(info)
@@ -685,10 +691,10 @@ def write_runs_index(runs_dir=None) -> Path:
         p = r.get("params") or {}
         n = r["name"]
         links = " ".join(
-            f"<a href='{_esc(n)}/{_esc(nb['html'])}'>{_esc(nb['name'][:2])}</a>"
-            for nb in r.get("notebooks", []) if nb.get("html")
+            f"<a href='{_esc(n)}/{_esc(nb['html'])}'>{_esc(str(nb.get('name', ''))[:2])}</a>"
+            for nb in r.get("notebooks") or [] if isinstance(nb, dict) and nb.get("html")
         )
-        stages = " + ".join(f"{s.get('loss')}×{s.get('epochs')}" for s in p.get("stages", []) if isinstance(s, dict))
+        stages = " + ".join(f"{s.get('loss')}×{s.get('epochs')}" for s in p.get("stages") or [] if isinstance(s, dict))
         rows.append((
             f"<a href='{_esc(n)}/index.html'>{_esc(n)}</a>",
             f"<span class='{_esc(r['_status'])}'>{_esc(r['_status'])}</span>",
@@ -731,5 +737,8 @@ def list_runs(runs_dir=None) -> list[dict]:
     if not runs:
         print(f"(no runs in {runs_dir})")
     if runs_dir.is_dir():
-        print(f"overview: {write_runs_index(runs_dir)}")
+        try:
+            print(f"overview: {write_runs_index(runs_dir)}")
+        except OSError as e:  # the table above is the answer; the HTML overview is a convenience
+            print(f"could not write {runs_dir / 'index.html'}: {e}", file=sys.stderr)
     return runs

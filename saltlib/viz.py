@@ -159,8 +159,9 @@ def intensity_histograms(images, masks):
         the Figure.
     """
     plt = _plt()
-    images = np.asarray(images, np.float32).reshape(len(images), -1)
-    masks = np.asarray(masks, bool).reshape(len(masks), -1)
+    images, masks = np.asarray(images, np.float32), np.asarray(masks, bool)
+    images = images.reshape(len(images), int(np.prod(images.shape[1:])))  # also with no images (a limit's subset)
+    masks = masks.reshape(len(masks), int(np.prod(masks.shape[1:])))
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
     bins = np.linspace(0, 1, 41)
     a.hist(images.mean(axis=1), bins=bins, alpha=0.7, label="image mean")

@@ -539,3 +539,26 @@ def test_list_pngs_refuses_other_cases_of_the_extension(tmp_path):
     (tmp_path / "b.PNG").unlink()
     (tmp_path / "c.Png").unlink()
     assert data.list_pngs(tmp_path) == ["a"]
+
+
+def test_kaggle_bundle_unpacks_the_zips_inside_it(tmp_path):
+    """The competition download is one zip holding train.zip and test.zip: all of it is unpacked,
+    the inner ones into train/ and test/."""
+    import io as _io
+    import zipfile
+
+    def zip_bytes(files: dict) -> bytes:
+        buf = _io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for name, payload in files.items():
+                zf.writestr(name, payload)
+        return buf.getvalue()
+
+    train = zip_bytes({"images/a.png": b"x", "masks/a.png": b"y"})
+    test = zip_bytes({"images/t.png": b"z"})
+    (tmp_path / "tgs-salt-identification-challenge.zip").write_bytes(
+        zip_bytes({"train.zip": train, "test.zip": test, "train.csv": "id,rle_mask\n", "depths.csv": "id,z\n"}))
+    data.extract_kaggle_zips(tmp_path)
+    assert (tmp_path / "train" / "images" / "a.png").read_bytes() == b"x"
+    assert (tmp_path / "train" / "masks" / "a.png").is_file() and (tmp_path / "test" / "images" / "t.png").is_file()
+    assert (tmp_path / "train.csv").is_file() and (tmp_path / "depths.csv").is_file()

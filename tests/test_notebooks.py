@@ -226,6 +226,7 @@ def test_viz_figures_draw_edge_cases():
     viz.coverage_histogram(cov)
     viz.depth_vs_coverage(np.array([100.0, 200, 300, np.nan, 500]), cov)
     viz.depth_vs_coverage(np.full(5, 7.0), cov)  # a single depth: no bins
+    viz.intensity_histograms(images[:0], masks[:0])  # no images (a limit whose subset is all black)
     viz.intensity_histograms(images, masks)
     hist = pd.DataFrame({"stage": [1, 1, 2, 2], "epoch": [1, 2, 1, 2], "loss": [0.7, 0.5, 1.2, 1.0],
                          "lr": [1e-3, 1e-4, 1e-3, 1e-5], "val_score": [np.nan, 0.4, np.nan, 0.6]})

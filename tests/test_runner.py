@@ -381,3 +381,32 @@ def test_resume_may_change_the_test_images_and_survives_an_interrupted_resume(tm
     assert params.read_yaml(run / "params.yaml")["test_limit"] == 2  # the folder records what ran
     assert [a["archived"] for a in info["attempts"]] == ["attempts/2"]
     assert (run / "attempts" / "2" / "02-train.ipynb").is_file()
+
+
+def test_runs_index_follows_folders_and_survives_odd_records(tmp_path, capsys):
+    """Links use the folder name (a renamed run keeps working links); a run.json that is valid JSON
+    but not a run record is listed as broken instead of crashing `salt runs`."""
+    runs = tmp_path / "runs"
+    _fake_run(runs, "old-name", metrics={"cv_score": 0.5})
+    (runs / "old-name").rename(runs / "new-name")
+    for name, text in (("list", "[]"), ("nulls", json.dumps({"name": "nulls", "notebooks": None, "params": None})),
+                       ("odd", json.dumps({"name": "odd", "notebooks": "x"}))):
+        (runs / name).mkdir()
+        (runs / name / "run.json").write_text(text)
+    result = {r["name"]: r["_status"] for r in runner.list_runs(runs)}
+    assert result == {"new-name": "finished", "list": "broken", "nulls": "?", "odd": "broken"}  # nulls: no status recorded
+    page = (runs / "index.html").read_text()
+    assert "new-name/index.html" in page and "new-name/01-eda.html" in page and "old-name" not in page
+
+
+def test_salt_runs_reports_an_unwritable_overview_in_one_line(tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    _fake_run(runs, "good")
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", str(runs / "index.html"))
+
+    monkeypatch.setattr(runner, "write_runs_index", denied)
+    assert cli.main(["runs", "--runs-dir", str(runs)]) == 0
+    out, err = capsys.readouterr()
+    assert "good" in out and "could not write" in err and "Permission denied" in err
