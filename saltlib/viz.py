@@ -175,7 +175,8 @@ def intensity_histograms(images, masks):
             b.hist(vals, bins=bins, density=True, alpha=0.6, label=label)
     b.set_xlabel("pixel intensity")
     b.set_ylabel("density")
-    b.legend(fontsize=8)
+    if images.size:  # no pixels at all: nothing to label
+        b.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
