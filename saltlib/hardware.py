@@ -21,6 +21,21 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 ENV_OVERRIDE = "SALT_BF16"
 
 
+def _cpuinfo_value(keys: tuple[str, ...], cpuinfo: str | None = None) -> str | None:
+    """The value of the first line of ``/proc/cpuinfo`` (or ``cpuinfo``) whose key is one of ``keys``
+    (the first processor's), or None where there is no such line or no such file."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in keys:
+            return value.strip()
+    return None
+
+
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     """The CPU feature flags of the first processor in ``/proc/cpuinfo`` (empty where there is none).
 
@@ -29,16 +44,7 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     Returns:
         the set of flags, e.g. ``{"avx2", "fma", "avx512_bf16", ...}``.
     """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return set()
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() in ("flags", "Features"):  # x86 / ARM
-            return set(value.split())
-    return set()
+    return set((_cpuinfo_value(("flags", "Features"), cpuinfo) or "").split())  # x86 / ARM
 
 
 def cpu_bf16(cpuinfo: str | None = None) -> bool:
@@ -107,15 +113,7 @@ def describe() -> str:
 
 def cpu_model(cpuinfo: str | None = None) -> str | None:
     """The CPU's model name from ``/proc/cpuinfo`` (None where it is not there)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    for line in cpuinfo.splitlines():
-        if line.split(":", 1)[0].strip() == "model name":
-            return line.split(":", 1)[1].strip()
-    return None
+    return _cpuinfo_value(("model name",), cpuinfo)
 
 
 def nvidia_gpus() -> list[str]:
