@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io, metric
+from . import io, metric, predict
 
 
 def choose(truth, candidates: dict, thresholds=metric.LOGIT_THRESHOLDS, min_sizes=(0,), peak_gates=()):
@@ -31,6 +31,39 @@ def choose(truth, candidates: dict, thresholds=metric.LOGIT_THRESHOLDS, min_size
               for label, v in candidates.items()}
     best = max(sweeps, key=lambda label: sweeps[label]["score"])  # max keeps the first of equals
     return best, sweeps
+
+
+def nested(truth, candidates: dict, fold_of, thresholds=metric.LOGIT_THRESHOLDS, min_sizes=(0,), peak_gates=()):
+    """The post-processing choice scored without optimism: each fold's images are post-processed with
+    the choice :func:`choose` makes on the *other* folds' images (kind of logits, cut-off, small-mask
+    size and gate), so no setting is tuned on the images it is scored on.
+
+    Args:
+        truth: ``(N,H,W)`` bool masks.
+        candidates: label -> ``(N,H,W)`` logits, as for :func:`choose`.
+        fold_of: ``(N,)`` the fold each image was held out in; at least two folds.
+        thresholds, min_sizes, peak_gates: the grid, as for :func:`choose`.
+    Returns:
+        ``(scores, chosen)``: ``(N,)`` per-image scores, and for each fold (an int) the settings
+        applied to it: ``{"label", "threshold", "min_size", "peak_gate"}``.
+    Raises:
+        ValueError: fewer than two folds (nothing to tune on).
+    """
+    truth, fold_of = np.asarray(truth, bool), np.asarray(fold_of)
+    folds = np.unique(fold_of)
+    if len(folds) < 2:
+        raise ValueError(f"nested scoring needs at least two folds, got {folds.tolist()}")
+    scores, chosen = np.zeros(len(truth)), {}
+    for f in folds:
+        rest, here = fold_of != f, fold_of == f
+        label, sweeps = choose(truth[rest], {k: v[rest] for k, v in candidates.items()},
+                               thresholds, min_sizes, peak_gates)
+        r = sweeps[label]
+        pred = predict.postprocess(candidates[label][here], r["threshold"], r["min_size"], r["peak_gate"])
+        scores[here] = metric.image_scores(truth[here], pred)
+        chosen[int(f)] = {"label": label, "threshold": r["threshold"], "min_size": r["min_size"],
+                          "peak_gate": r["peak_gate"]}
+    return scores, chosen
 
 
 def score_record(truth, pred, fold_of, coverage_class) -> dict:

@@ -52,6 +52,21 @@ class BundleError(ValueError):
     """A model bundle folder is missing, incomplete or malformed. The message names the file."""
 
 
+class NonFiniteLogitsError(ValueError):
+    """Logits hold NaN or infinity (a diverged model).
+
+    Attributes:
+        indices: positions (along N) of the images with a non-finite logit, ascending.
+    """
+
+    def __init__(self, indices):
+        self.indices = [int(i) for i in indices]
+        super().__init__(
+            f"NaN or infinite logits for {len(self.indices)} image(s), first at index {self.indices[0]} "
+            "(a diverged model?)"
+        )
+
+
 # --------------------------------------------------------------------------- post-processing
 def postprocess(logits, threshold: float = 0.0, min_size: int = 0, peak_gate: float | None = None) -> np.ndarray:
     """Turn logits into salt masks.
@@ -65,6 +80,9 @@ def postprocess(logits, threshold: float = 0.0, min_size: int = 0, peak_gate: fl
             be this sure of some pixel before any salt is drawn (None keeps all).
     Returns:
         bool ``(N, H, W)`` masks.
+    Raises:
+        NonFiniteLogitsError: some logits are NaN or infinite (``NaN > threshold`` is False, so a
+            diverged model would otherwise read as "no salt"); ``.indices`` names the images.
     """
     a = np.asarray(logits)
     if a.ndim == 4 and a.shape[-1] == 1:
@@ -73,6 +91,10 @@ def postprocess(logits, threshold: float = 0.0, min_size: int = 0, peak_gate: fl
         a = a[None]
     if a.ndim != 3:
         raise ValueError(f"postprocess expects (N,H,W) or (N,H,W,1) logits, got shape {a.shape}")
+    if a.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(a).all(axis=(1, 2)))
+        if len(bad):
+            raise NonFiniteLogitsError(bad)
     masks = a > threshold
     if peak_gate is not None:
         masks[a.max(axis=(1, 2), initial=-np.inf) <= peak_gate] = False
@@ -571,12 +593,13 @@ def predict_folder(model_dir, images_dir, out_csv, batch_size: int = 64, chunk_s
     for c in range(n_chunks):
         chunk = images[c * chunk_size:(c + 1) * chunk_size]
         logits = bundle.predict_logits(chunk, batch_size=batch_size)
-        bad = np.flatnonzero(~np.isfinite(logits.reshape(len(logits), -1)).all(axis=1))
-        if len(bad):  # NaN > threshold is False: it would be written as "no salt" without a word
-            names = [str(ids[c * chunk_size + b]) for b in bad[:5]]
-            raise ValueError(f"{bundle.path}: the models predict NaN or infinite logits for {len(bad)} image(s) of "
-                             f"{images_dir}, e.g. {', '.join(names)} (a diverged model?); nothing written to {out_csv}")
-        masks = postprocess(logits, bundle.threshold, bundle.min_size, bundle.peak_gate)
+        try:
+            masks = postprocess(logits, bundle.threshold, bundle.min_size, bundle.peak_gate)
+        except NonFiniteLogitsError as e:
+            names = [str(ids[c * chunk_size + b]) for b in e.indices[:5]]
+            raise ValueError(f"{bundle.path}: the models predict NaN or infinite logits for {len(e.indices)} image(s) "
+                             f"of {images_dir}, e.g. {', '.join(names)} (a diverged model?); nothing written to "
+                             f"{out_csv}") from None
         n_empty += int((~masks.any(axis=(1, 2))).sum())
         rles.extend(rle.encode(m) for m in masks)
         done, spent = len(rles), time.time() - t2

@@ -156,12 +156,24 @@ def git_info(root=PROJECT_ROOT) -> dict:
     try:
         return {
             "commit": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")
-                          or git("status", "--porcelain", "--untracked-files=all", "--", *CODE_DIRS)),
+            "dirty": _dirty(git("status", "--porcelain", "-z", "--untracked-files=all")),
             "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
         }
     except (OSError, RuntimeError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None, "branch": None}
+
+
+def _dirty(porcelain_z: str) -> bool:
+    """Whether ``git status --porcelain -z --untracked-files=all`` output makes a run's checkout dirty:
+    any change to a tracked file, or an untracked (not ignored) file under :data:`CODE_DIRS`."""
+    for entry in porcelain_z.split("\0"):
+        if not entry:
+            continue  # a rename's second (origin) path follows its entry, which already counted
+        if not entry.startswith("?? "):
+            return True
+        if entry[3:].split("/", 1)[0] in CODE_DIRS:
+            return True
+    return False
 
 
 def package_versions(names=VERSION_PACKAGES) -> dict:
@@ -553,9 +565,11 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
     info.update(status="finished", ended=_now(), seconds=round(time.time() - t_run, 1))
     save()
     _try_runs_index(runs_dir)
-    score = (info.get("metrics") or {}).get("cv_score")
+    metrics = info.get("metrics") or {}
+    score, nested = metrics.get("cv_score"), metrics.get("cv_score_nested")
     print(f"run {run_dir.name} finished in {_fmt_seconds(info['seconds'])}"
-          + (f"; CV score {score:.4f}" if isinstance(score, (int, float)) else ""), flush=True)
+          + (f"; CV score {score:.4f}" if isinstance(score, (int, float)) else "")
+          + (f" (nested {nested:.4f})" if isinstance(nested, (int, float)) else ""), flush=True)
     return run_dir
 
 

@@ -68,3 +68,57 @@ def test_bundle_members_follow_done_json(tmp_path):
         tmp_path / "fold2" / "model.keras", tmp_path / "fold0" / "model.keras", tmp_path / "fold0" / "snapshot1.keras"]
     with pytest.raises(FileNotFoundError, match="fold 1 is not trained"):
         evaluate.bundle_members(tmp_path, [0, 1])
+
+
+def _gate_case():
+    """4 folds x 4 images: two with salt (a 20x20 block at logit 0.5 peaking at 3.0) and two empty
+    ones with the same block predicted, peaking at 0.5 only. No cut-off or size tells them apart;
+    a gate between 0.5 and 3.0 does."""
+    n = 16
+    truth = np.zeros((n, 101, 101), bool)
+    logits = np.full((n, 101, 101), -3.0, np.float32)
+    for k in range(n):
+        logits[k, 30:50, 30:50] = 0.5
+        if k % 2 == 0:
+            truth[k, 30:50, 30:50] = True
+            logits[k, 40, 40] = 3.0
+    return truth, logits, np.repeat(np.arange(4), 4)
+
+
+def test_nested_finds_the_gate_on_the_other_folds():
+    truth, logits, fold_of = _gate_case()
+    plain, _ = evaluate.nested(truth, {"plain": logits}, fold_of, min_sizes=[0, 10])
+    np.testing.assert_array_equal(plain, np.tile([1.0, 0.0], 8))  # every empty image gets the false block
+    gated, chosen = evaluate.nested(truth, {"plain": logits}, fold_of, min_sizes=[0, 10], peak_gates=[0.0, 1.0, 4.0])
+    assert gated.mean() == 1.0
+    assert set(chosen) == {0, 1, 2, 3} and all(c["peak_gate"] == 1.0 and c["label"] == "plain" for c in chosen.values())
+
+
+def test_nested_prefers_no_gate_on_a_tie():
+    truth, logits, fold_of = _gate_case()
+    logits[1::2] = -3.0  # nothing predicted on the empty images: no gate needed
+    scores, chosen = evaluate.nested(truth, {"plain": logits}, fold_of, peak_gates=[1.0])
+    assert scores.mean() == 1.0 and all(c["peak_gate"] is None for c in chosen.values())
+
+
+def test_nested_exposes_a_choice_that_only_fits_the_images_it_was_made_on():
+    """Fold 0's images are right under "plain" and wrong under "flip TTA", fold 1's the other way
+    round. Choosing on all four images scores 0.5 (either kind is right on half); nested, each
+    fold gets the kind that fits the *other* fold and every image scores 0."""
+    truth = np.zeros((4, 101, 101), bool)
+    truth[:, 10:20, 10:20] = True  # salt everywhere: predicting nothing scores 0 too
+    right = np.where(truth, 3.0, -3.0).astype(np.float32)
+    plain = np.concatenate([right[:2], -right[2:]])
+    tta = -plain
+    fold_of = np.array([0, 0, 1, 1])
+    label, sweeps = evaluate.choose(truth, {"plain": plain, "flip TTA": tta})
+    assert sweeps[label]["score"] == 0.5
+    scores, chosen = evaluate.nested(truth, {"plain": plain, "flip TTA": tta}, fold_of)
+    np.testing.assert_array_equal(scores, 0.0)
+    assert chosen[0]["label"] == "flip TTA" and chosen[1]["label"] == "plain"
+
+
+def test_nested_needs_two_folds():
+    truth, logits, _ = _gate_case()
+    with pytest.raises(ValueError, match=r"at least two folds, got \[3\]"):
+        evaluate.nested(truth, {"plain": logits}, np.full(len(truth), 3))

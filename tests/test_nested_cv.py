@@ -1,7 +1,6 @@
-"""tools/nested_cv.py: post-processing tuned on the other folds and scored on each fold."""
+"""tools/nested_cv.py, end to end on a tiny finished run (stub oof.npz files on synthetic data)."""
 
 from __future__ import annotations
-
 
 import numpy as np
 import pytest
@@ -9,37 +8,24 @@ import pytest
 from conftest import load_tool
 
 
-@pytest.fixture(scope="module")
-def nested_cv():
-    return load_tool("nested_cv")
+@pytest.mark.filterwarnings("ignore:The least populated class")  # 12 images in 3 stratified folds
+def test_nested_cv_prints_each_folds_choice(synthetic, tmp_path, capsys):
+    from saltlib import data, io, params
 
-
-def _case():
-    """4 folds x 4 images: two with salt (a 20x20 block at logit 0.5 peaking at 3.0) and two empty
-    ones with the same block predicted, peaking at 0.5 only. No cut-off or size tells them apart;
-    a gate between 0.5 and 3.0 does."""
-    n = 16
-    truth = np.zeros((n, 101, 101), bool)
-    logits = np.full((n, 101, 101), -3.0, np.float32)
-    for k in range(n):
-        logits[k, 30:50, 30:50] = 0.5
-        if k % 2 == 0:
-            truth[k, 30:50, 30:50] = True
-            logits[k, 40, 40] = 3.0
-    return truth, logits, np.repeat(np.arange(4), 4)
-
-
-def test_gate_found_on_other_folds_and_scored_on_each(nested_cv):
-    truth, logits, fold_of = _case()
-    plain, chosen = nested_cv.nested(truth, logits, fold_of, [0, 10], [])
-    assert plain.mean() == pytest.approx(0.5)  # every empty image gets the false block
-    gated, chosen = nested_cv.nested(truth, logits, fold_of, [0, 10], [0.0, 1.0, 4.0])
-    assert gated.mean() == 1.0
-    assert set(chosen) == {0, 1, 2, 3} and all(c[2] == 1.0 for c in chosen.values())
-
-
-def test_tune_prefers_no_gate_on_a_tie(nested_cv):
-    truth, logits, _ = _case()
-    logits[1::2] = -3.0  # nothing predicted on the empty images: no gate needed
-    score, threshold, min_size, gate = nested_cv.tune(truth, logits, [0], [1.0])
-    assert score == 1.0 and gate is None
+    tool = load_tool("nested_cv")
+    run = tmp_path / "run"
+    io.write_text(run / "params.yaml", f"data_dir: {synthetic.root}\nn_folds: 3\nfolds: [0, 1, 2]\nmin_sizes: [0, 10]\n")
+    cfg = params.load(run / "params.yaml")
+    ds = data.load_train(synthetic.root)
+    fold_of = data.kfold(ds, 3, cfg["seed"])
+    for f in range(3):
+        idx = np.flatnonzero(fold_of == f)
+        perfect = np.where(ds.masks[idx], 4.0, -4.0).astype(np.float32)
+        (run / "models" / f"fold{f}").mkdir(parents=True)
+        np.savez(run / "models" / f"fold{f}" / "oof.npz", ids=np.array(ds.ids)[idx], logits=perfect,
+                 logits_tta=-perfect)
+    tool.main([str(run)])
+    out = capsys.readouterr().out
+    assert "choosing among: plain, flip TTA" in out
+    assert out.count("nested CV 1.0000") == 2  # perfect plain logits, chosen on every fold
+    assert out.count("with plain, cut-off") == 6 and "flip TTA, cut-off" not in out

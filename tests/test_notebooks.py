@@ -108,6 +108,8 @@ def test_smoke_run_finishes_with_progress(smoke_ok):
         assert f"{nb} finished" in out
     assert re.search(r"^\d+/\d+ - \d+s - .*loss: [0-9.]+", out, re.M), "Keras' per-epoch lines not shown"
     assert f"report: {smoke_ok.run_dir / 'index.html'}" in out
+    metrics = json.loads((smoke_ok.run_dir / "metrics.json").read_text())
+    assert f"CV score {metrics['cv_score']:.4f} (nested {metrics['cv_score_nested']:.4f})" in out
 
 
 @pytest.mark.slow
@@ -128,7 +130,7 @@ def test_smoke_run_folder(smoke_ok):
     assert not list(run.rglob(".*.tmp*")), "temporary files left behind"
     for f in ("params.yaml", "run.json", "index.html", "metrics.json", "postprocess.json", "eda.json",
               "train.json", "predict.json", "bundle/bundle.json", "models/fold0/model.keras",
-              "models/fold0/oof.npz"):
+              "models/fold0/oof.npz", "models/fold1/model.keras", "models/fold1/oof.npz"):
         assert (run / f).is_file(), f"missing {f}"
     assert (smoke_ok.runs_dir / "index.html").is_file()
     assert "smoke/index.html" in (smoke_ok.runs_dir / "index.html").read_text()
@@ -140,11 +142,15 @@ def test_smoke_metrics_and_run_json(smoke_ok):
     run = smoke_ok.run_dir
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["cv_score"] <= 1.0
-    assert metrics["n_images"] == 16  # 48 images, 3 folds, fold 0 held out
-    assert set(metrics["per_fold"]) == {"0"}
-    assert sum(v["n"] for v in metrics["per_coverage_class"].values()) == 16
+    assert metrics["n_images"] == 32  # 48 images, 3 folds, folds 0 and 1 held out in turn
+    assert set(metrics["per_fold"]) == {"0", "1"}
+    assert sum(v["n"] for v in metrics["per_coverage_class"].values()) == 32
     for key in ("threshold", "min_size", "tta", "empty_accuracy", "cv_score_untuned"):
         assert key in metrics
+    # each fold post-processed with the settings chosen on the other fold
+    assert 0.0 <= metrics["cv_score_nested"] <= 1.0 and set(metrics["nested_choice"]) == {"0", "1"}
+    for choice in metrics["nested_choice"].values():
+        assert choice["label"] in ("plain", "flip TTA") and choice["min_size"] in (0, 10, 50)
     post = json.loads((run / "postprocess.json").read_text())
     assert post["threshold"] == metrics["threshold"] and post["min_size"] in (0, 10, 50)
     bundle = json.loads((run / "bundle" / "bundle.json").read_text())
@@ -152,7 +158,8 @@ def test_smoke_metrics_and_run_json(smoke_ok):
     # the peak gates of smoke.yaml were tried; the one chosen (or none) reached the bundle
     assert post["peak_gates"] == [0.0, 1.0] and metrics["peak_gate"] in (None, 0.0, 1.0)
     assert bundle.get("peak_gate") == metrics["peak_gate"] == post["peak_gate"]
-    assert metrics["bundle_folds"] == [0] and bundle["meta"]["tuned_on_folds"] == [0]
+    assert metrics["bundle_folds"] == [0] and bundle["meta"]["tuned_on_folds"] == [0, 1]
+    assert len(bundle["models"]) == 1  # fold 1 is scored and tuned on, not bundled
 
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "finished" and info["error"] is None

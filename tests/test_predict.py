@@ -120,6 +120,20 @@ def test_postprocess_peak_gate(gate, kept):
     assert not predict.postprocess(logits, 0.0, min_size=10, peak_gate=gate).any()
 
 
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_postprocess_refuses_non_finite_logits(bad_value):
+    """``NaN > 0`` is False, so a diverged model would read as "no salt": refused, naming the images."""
+    logits = np.full((4, 101, 101), 1.0, np.float32)
+    logits[1, 3, 4] = bad_value
+    logits[3, 100, 100] = bad_value
+    with pytest.raises(predict.NonFiniteLogitsError, match=r"for 2 image\(s\), first at index 1") as e:
+        predict.postprocess(logits)
+    assert e.value.indices == [1, 3]
+    assert isinstance(e.value, ValueError)
+    assert predict.postprocess(logits[[0, 2]]).all()  # the finite images alone pass
+
+
 # --------------------------------------------------------------------------- bundles
 def test_bundle_round_trip_same_logits(models, bundle_dir):
     from saltlib.train import predict_logits

@@ -239,6 +239,38 @@ def test_package_versions_and_git():
     assert set(g) == {"commit", "dirty", "branch"}
 
 
+def test_git_info_dirty_means_changed_tracked_files_or_new_code(tmp_path):
+    """Untracked files count only among the code a run executes; ignored files never count."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q", "-b", "main")
+    (tmp_path / "saltlib").mkdir()
+    (tmp_path / "saltlib" / "a.py").write_text("x = 1\n")
+    (tmp_path / ".gitignore").write_text("__pycache__/\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
+    g = runner.git_info(tmp_path)
+    assert g["dirty"] is False and g["branch"] == "main" and len(g["commit"]) == 40
+
+    (tmp_path / "notes.txt").write_text("scratch")  # untracked, outside the code folders
+    (tmp_path / "saltlib" / "__pycache__").mkdir()
+    (tmp_path / "saltlib" / "__pycache__" / "a.pyc").write_bytes(b"\0")  # ignored
+    assert runner.git_info(tmp_path)["dirty"] is False
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "new run.yaml").write_text("seed: 1\n")  # new code, a space in its name
+    assert runner.git_info(tmp_path)["dirty"] is True
+    (tmp_path / "params" / "new run.yaml").unlink()
+    assert runner.git_info(tmp_path)["dirty"] is False
+    (tmp_path / "saltlib" / "a.py").write_text("x = 2\n")  # a tracked change
+    assert runner.git_info(tmp_path)["dirty"] is True
+    git("mv", "saltlib/a.py", "saltlib/b.py")  # a staged rename (two paths in -z output)
+    assert runner.git_info(tmp_path)["dirty"] is True
+    assert runner.git_info(tmp_path / "no-such-folder") == {"commit": None, "dirty": None, "branch": None}
+
+
 def _fake_run(runs, name, **info):
     (runs / name).mkdir(parents=True)
     base = {"name": name, "status": "finished", "started": f"2026-01-01T00:00:0{len(list(runs.iterdir()))}",
