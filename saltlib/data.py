@@ -329,8 +329,40 @@ def load_test(path=None, images_dir=None, limit: int | None = None) -> SaltDatas
     return SaltDataset(ids, read_images([Path(images_dir) / f"{i}.png" for i in ids]), None, z, root)
 
 
+def merge_rare_classes(classes, n_min: int) -> np.ndarray:
+    """Merge every class with fewer than ``n_min`` members into its nearest class, so that each
+    class can be stratified over ``n_min`` folds.
+
+    The rarest class goes first (the lower class on a tie), into the nearest class that has members
+    (the lower one on a tie), and counts are updated after each merge, so a rare class never lands
+    in another rare or empty one and stays there. Classes with enough members are left as they are.
+
+    Args:
+        classes: ``(N,)`` non-negative int class of each image (e.g. coverage classes 0..10).
+        n_min: the fewest members a class may keep (the number of folds).
+    Returns:
+        ``(N,)`` int array: the merged class of each image (a copy).
+    """
+    classes = np.asarray(classes).astype(np.int64, copy=True)
+    counts = np.bincount(classes) if len(classes) else np.zeros(0, np.int64)
+    while True:
+        present = np.flatnonzero(counts)
+        rare = present[counts[present] < n_min]
+        if len(present) < 2 or not len(rare):
+            return classes
+        c = rare[np.argmin(counts[rare])]
+        others = present[present != c]
+        target = others[np.argmin(2 * np.abs(others - c) + (others > c))]
+        classes[classes == c] = target
+        counts[target] += counts[c]
+        counts[c] = 0
+
+
 def kfold(dataset_or_classes, n_folds: int = 5, seed: int = 42) -> np.ndarray:
     """Deterministic fold of each image, stratified by coverage class.
+
+    Classes with fewer than ``n_folds`` images (only in small subsets: each class of the full
+    training set has hundreds) are first merged into their nearest class (:func:`merge_rare_classes`).
 
     Args:
         dataset_or_classes: a :class:`SaltDataset` or an ``(N,)`` array of coverage classes.
@@ -346,21 +378,11 @@ def kfold(dataset_or_classes, n_folds: int = 5, seed: int = 42) -> np.ndarray:
         if isinstance(dataset_or_classes, SaltDataset)
         else np.asarray(dataset_or_classes)
     )
-    # classes rarer than n_folds are merged with their neighbour so stratification stays valid
-    classes = classes.copy()
-    counts = np.bincount(classes, minlength=11)
-    for c in np.flatnonzero((counts > 0) & (counts < n_folds)):
-        classes[classes == c] = c - 1 if c > 0 else c + 1
-    folds = np.empty(len(classes), np.int64)
-    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     if len(classes) < n_folds:
         raise DataError(f"cannot split {len(classes)} images into {n_folds} folds")
-    try:
-        splits = list(skf.split(np.zeros(len(classes)), classes))
-    except ValueError:  # too few per class even after merging: plain shuffled K-fold
-        from sklearn.model_selection import KFold
-
-        splits = list(KFold(n_folds, shuffle=True, random_state=seed).split(classes))
-    for f, (_, val) in enumerate(splits):
+    classes = merge_rare_classes(classes, n_folds)  # now every class has at least n_folds members
+    folds = np.empty(len(classes), np.int64)
+    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for f, (_, val) in enumerate(skf.split(np.zeros(len(classes)), classes)):
         folds[val] = f
     return folds

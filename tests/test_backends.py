@@ -21,7 +21,7 @@ from conftest import run_python
 pytestmark = pytest.mark.slow
 
 SCRIPT = r"""
-import json, sys, time, warnings
+import json, sys, time
 T0 = time.time()
 import numpy as np
 import keras
@@ -69,9 +69,7 @@ out["reload_diff"] = np.array(np.abs(
 out["t_model"] = np.array(time.time() - T0)
 # train_fold: the tf.data pipeline and callbacks under this backend
 ds = data.load_train({data_dir!r})
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    folds = data.kfold(ds, 3, 42)
+folds = data.kfold(ds, 3, 42)
 cfg = dict(base_filters=4, depth=1, blocks_per_level=0, dropout=0.0, mixed_precision=False, batch_size=8,
            stages=[dict(loss="lovasz", epochs=1, lr=0.01)], val_every=1)
 summary = train.train_fold(ds, folds, 0, cfg, {tmp!r} + "/models", verbose=0)

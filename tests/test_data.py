@@ -459,30 +459,50 @@ def test_kfold_stratified(n_folds, seed):
     assert sizes.max() - sizes.min() <= 1 + len(np.unique(classes)) // n_folds
 
 
-def test_kfold_rare_classes_still_split():
+@pytest.mark.parametrize(
+    "classes,merged",
+    [
+        # the rarest first: 5 (1 image) is as near 1 as 9 and goes to the lower, 1 (now 3) then to 0,
+        # 10 (3) to 9; 0 and 9 have 5 or more and stay
+        ([0] * 30 + [1] * 2 + [5] * 1 + [10] * 3 + [9] * 8, [0] * 30 + [0] * 2 + [0] * 1 + [9] * 3 + [9] * 8),
+        # 4 (1 image) skips the empty classes 3 and 5 and joins the nearest class with members, 6 (not 1)
+        ([1] * 6 + [4] + [6] * 6, [1] * 6 + [6] + [6] * 6),
+        # no class is rare: nothing changes
+        ([0] * 5 + [3] * 5, [0] * 5 + [3] * 5),
+        # two rare classes: they merge with each other and then hold enough
+        ([1, 1, 1, 8, 8], [1, 1, 1, 1, 1]),
+    ],
+)
+def test_merge_rare_classes_by_hand(classes, merged):
+    np.testing.assert_array_equal(data.merge_rare_classes(np.array(classes), 5), merged)
+
+
+def test_kfold_rare_classes_still_split_without_warnings():
+    """sklearn warns when a class has fewer members than folds; merging first leaves none such."""
     classes = np.array([0] * 30 + [1] * 2 + [5] * 1 + [10] * 3 + [9] * 8)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")
         folds = data.kfold(classes, 5, 0)
     assert sorted(set(folds.tolist())) == list(range(5))
-    # class 1 (2 images) is merged into class 0, and the merged group is stratified
-    counts = np.bincount(folds[classes <= 1], minlength=5)
-    assert counts.max() - counts.min() <= 1
+    for group in (classes <= 5, classes >= 9):  # the merged groups are each stratified
+        counts = np.bincount(folds[group], minlength=5)
+        assert counts.max() - counts.min() <= 1, counts
 
 
 def test_kfold_few_images_per_class():
-    # 12 images, no class with 5 members: stratification cannot hold, a plain split still works
+    # 12 images, no class with 5 members: merged until each has 5 or more, then stratified
     classes = np.array([0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 10])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")
         folds = data.kfold(classes, 5, 0)
     assert sorted(set(folds.tolist())) == list(range(5))
+    assert sorted(np.bincount(folds).tolist()) == [2, 2, 2, 3, 3]
 
 
 def test_kfold_of_dataset(synthetic):
     ds = data.load_train(synthetic.root)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")  # no sklearn warning about rare classes in 12 images
         folds = data.kfold(ds, 3, 42)
         np.testing.assert_array_equal(folds, data.kfold(ds.coverage_class, 3, 42))
     assert folds.shape == (len(ds),) and set(folds.tolist()) == {0, 1, 2}

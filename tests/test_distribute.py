@@ -20,14 +20,12 @@ from conftest import run_python  # noqa: E402
 from saltlib import distribute  # noqa: E402
 
 MIRRORED = r"""
-import json, sys, warnings
+import json, sys
 from saltlib import distribute
 distribute.split_cpu(2)  # before TensorFlow starts
 from saltlib import data, train
 ds = data.load_train({data_dir!r})
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    folds = data.kfold(ds, 3, 42)
+folds = data.kfold(ds, 3, 42)
 cfg = dict(base_filters=4, depth=2, blocks_per_level=1, dropout=0.0, mixed_precision=False, batch_size=4,
            stages=[dict(loss="bce+lovasz", epochs=2, lr=0.01)], min_lr=1e-5, val_every=1,
            strategy="mirrored")

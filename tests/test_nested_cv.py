@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from conftest import load_tool
 
 
-@pytest.mark.filterwarnings("ignore:The least populated class")  # 12 images in 3 stratified folds
 def test_nested_cv_prints_each_folds_choice(synthetic, tmp_path, capsys):
     from saltlib import data, io, params
 

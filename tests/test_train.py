@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +42,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def dataset(synthetic24):
     ds = data.load_train(synthetic24.root)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sklearn: rare coverage classes in 24 images
-        folds = data.kfold(ds, 3, 42)
-    return ds, folds
+    return ds, data.kfold(ds, 3, 42)
 
 
 @pytest.fixture(scope="module")
@@ -278,9 +274,7 @@ def test_same_seed_same_result(trained, dataset, tmp_path):
     logits, and demands the same val score."""
     fold_dir, summary = trained
     ds, folds = dataset
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        np.testing.assert_array_equal(data.kfold(ds, 3, 42), folds)
+    np.testing.assert_array_equal(data.kfold(ds, 3, 42), folds)
     again = train.train_fold(ds, folds, 1, TINY, tmp_path, verbose=0)
     assert again["val_score"] == pytest.approx(summary["val_score"], abs=1e-9)
     assert again["val_score_tta"] == pytest.approx(summary["val_score_tta"], abs=1e-9)
