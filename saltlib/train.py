@@ -291,6 +291,8 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
         ``models`` (the ensemble's files), ``member_scores_tta`` (each file alone, with TTA),
         ``epochs``, ``seconds`` (training time, summed over resumed sessions) and file paths.
     Raises:
+        saltlib.params.ParamError: a configuration value :mod:`saltlib.params` refuses (before
+            anything is written).
         TrainingError: on a NaN loss.
     """
     import keras
@@ -298,12 +300,9 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
     from . import augment, distribute
 
     cfg = {**DEFAULTS, **cfg}
-    bad = [s for s in cfg["snapshots"] if not 1 <= s < len(cfg["stages"])]
-    if bad:
-        raise ValueError(
-            f"snapshots: stage(s) {bad} are not earlier stages of the {len(cfg['stages'])} in 'stages' "
-            f"(the last stage is always in the ensemble as model.keras)"
-        )
+    # the parameter checks of a run, for direct callers too (types, ranges, snapshots before the last stage)
+    params.check({k: cfg[k] for k in TRAIN_KEYS}, f"fold {fold} training configuration",
+                 base={**params.defaults(), **cfg})
     fold_dir = Path(out_dir) / f"fold{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     done_path, recipe_path = fold_dir / "done.json", fold_dir / "recipe.json"

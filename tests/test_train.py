@@ -18,7 +18,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from conftest import ROOT, assert_seeded_epochs, subprocess_env  # noqa: E402
-from saltlib import data, metric, train  # noqa: E402
+from saltlib import data, metric, params, train  # noqa: E402
 from saltlib.train import TrainingError  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -137,7 +137,7 @@ def test_snapshot_ensemble_from_finished_stages(trained, dataset, tmp_path):
 @pytest.mark.parametrize("snapshots", [[2], [0], [3, 1]])
 def test_snapshots_must_be_earlier_stages(dataset, tmp_path, snapshots):
     ds, folds = dataset
-    with pytest.raises(ValueError, match=r"snapshots: stage\(s\) \["):
+    with pytest.raises(params.ParamError, match=r"fold 1 training configuration: parameter 'snapshots'"):
         train.train_fold(ds, folds, 1, {**TINY, "snapshots": snapshots}, tmp_path, verbose=0)
     assert not any(tmp_path.iterdir())  # refused before anything is written
 
@@ -344,8 +344,22 @@ def test_nan_loss_raises_training_error(dataset, tmp_path, case):
 
 def test_strategy_must_be_known(dataset, tmp_path):
     ds, folds = dataset
-    with pytest.raises(ValueError, match="unknown strategy 'tpu'"):
+    with pytest.raises(params.ParamError, match=r"fold 0 training configuration: parameter 'strategy' must be one of"):
         train.train_fold(ds, folds, 0, {**NAN_CFG, "strategy": "tpu"}, tmp_path, verbose=0)
+    assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("batch_size", 0, "parameter 'batch_size'"),
+    ("stages", [{"loss": "lovasz", "epochs": 1, "lr": 0}], "parameter 'stages' stage 1: lr must be"),
+    ("base_filters", "16", "parameter 'base_filters' must be"),
+])
+def test_direct_callers_get_the_parameter_checks(dataset, tmp_path, key, value, message):
+    """train_fold is called by notebooks, `salt train` and tools: the same checks as a run's parameters."""
+    ds, folds = dataset
+    with pytest.raises(params.ParamError, match=rf"fold 0 training configuration: {message}"):
+        train.train_fold(ds, folds, 0, {**NAN_CFG, key: value}, tmp_path, verbose=0)
+    assert not any(tmp_path.iterdir())
 
 
 # --------------------------------------------------------------------------- kill and resume
