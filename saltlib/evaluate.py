@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io, metric, predict
+from . import data, io, metric, predict
 
 
 def choose(truth, candidates: dict, thresholds=metric.LOGIT_THRESHOLDS, min_sizes=(0,), peak_gates=()):
@@ -64,6 +64,29 @@ def nested(truth, candidates: dict, fold_of, thresholds=metric.LOGIT_THRESHOLDS,
         chosen[int(f)] = {"label": label, "threshold": r["threshold"], "min_size": r["min_size"],
                           "peak_gate": r["peak_gate"]}
     return scores, chosen
+
+
+def nesting_groups(fold_of, coverage_class, seed: int = 42, n_parts: int = 5) -> tuple[np.ndarray, str]:
+    """The groups :func:`nested` tunes and scores over: the folds, or with a single fold, a
+    coverage-stratified split of its images into ``n_parts`` parts (the settings for each part are
+    then chosen on the fold's other images, so a one-fold run gets an honest score too).
+
+    Args:
+        fold_of: ``(N,)`` the fold each out-of-fold image was held out in.
+        coverage_class: ``(N,)`` coverage class of each true mask.
+        seed: seed of the split (the run's seed).
+        n_parts: parts of a single fold (fewer when the fold has fewer images).
+    Returns:
+        ``(groups, description)``: ``(N,)`` group of each image and a few words naming them.
+    """
+    fold_of = np.asarray(fold_of)
+    folds = np.unique(fold_of)
+    if len(folds) > 1:
+        return fold_of, f"the {len(folds)} folds"
+    n = min(n_parts, len(fold_of))
+    if n < 2:
+        raise ValueError(f"nested scoring needs at least two images, got {len(fold_of)}")
+    return data.kfold(np.asarray(coverage_class), n, seed), f"{n} parts of fold {int(folds[0])}"
 
 
 def score_record(truth, pred, fold_of, coverage_class) -> dict:

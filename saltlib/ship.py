@@ -117,8 +117,9 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
            else "Flip TTA or not, the cut-off and the small-mask size were chosen on these same images (three"),
         "  numbers, so the optimism is small); the score at logit 0 without TTA or small-mask removal is",
         f"  {metrics['cv_score_untuned']:.4f}.",
-        *([f"- **Nested CV score {metrics['cv_score_nested']:.4f}**: each fold post-processed with the settings chosen"
-           " on the other folds' images only, so no setting was tuned on the images it scores."]
+        *([f"- **Nested CV score {metrics['cv_score_nested']:.4f}** over {metrics.get('nested_over', 'the folds')}: each"
+           " post-processed with the settings chosen on the others' images only, so no setting was tuned on the"
+           " images it scores."]
           if metrics.get("cv_score_nested") is not None else []),
         "- Per fold: " + ", ".join(f"fold {f}: {s:.4f}" for f, s in metrics["per_fold"].items())
         + (". Each fold is scored by its own model, which did not train on it." if len(metrics["per_fold"]) > 1 else ""),

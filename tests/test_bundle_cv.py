@@ -65,7 +65,7 @@ def test_main_prints_the_three_scores(smoke_ok, two_fold_bundle, capsys):
     assert result["nested"] == pytest.approx(metrics["cv_score_nested"], abs=1 / 32)
     assert np.mean(list(result["per_fold"].values())) == pytest.approx(result["shipped"])  # 16 images each
     assert f"as shipped: CV {result['shipped']:.4f}" in out and "bundle.json records 0.5000" in out
-    assert f"nested (post-processing chosen on the other folds): {result['nested']:.4f}" in out
+    assert f"nested over the 2 folds (post-processing chosen on the others): {result['nested']:.4f}" in out
 
 
 def test_models_must_match_the_folds(two_fold_bundle, tmp_path):

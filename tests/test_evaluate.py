@@ -122,3 +122,20 @@ def test_nested_needs_two_folds():
     truth, logits, _ = _gate_case()
     with pytest.raises(ValueError, match=r"at least two folds, got \[3\]"):
         evaluate.nested(truth, {"plain": logits}, np.full(len(truth), 3))
+
+
+def test_nesting_groups_are_the_folds_or_parts_of_one_fold():
+    classes = np.array([0] * 10 + [3] * 10)
+    folds = np.repeat([2, 4], 10)
+    groups, words = evaluate.nesting_groups(folds, classes)
+    assert groups is folds or np.array_equal(groups, folds)
+    assert words == "the 2 folds"
+    groups, words = evaluate.nesting_groups(np.full(20, 3), classes, seed=1)
+    assert words == "5 parts of fold 3"
+    assert np.bincount(groups).tolist() == [4] * 5
+    for c in (0, 3):  # stratified: each part holds two images of each class
+        assert np.bincount(groups[classes == c]).tolist() == [2] * 5
+    np.testing.assert_array_equal(groups, evaluate.nesting_groups(np.full(20, 3), classes, seed=1)[0])
+    assert evaluate.nesting_groups(np.zeros(3), np.zeros(3))[1] == "3 parts of fold 0"
+    with pytest.raises(ValueError, match="at least two images"):
+        evaluate.nesting_groups(np.zeros(1), np.zeros(1))

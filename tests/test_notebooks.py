@@ -149,6 +149,7 @@ def test_smoke_metrics_and_run_json(smoke_ok):
         assert key in metrics
     # each fold post-processed with the settings chosen on the other fold
     assert 0.0 <= metrics["cv_score_nested"] <= 1.0 and set(metrics["nested_choice"]) == {"0", "1"}
+    assert metrics["nested_over"] == "the 2 folds"
     for choice in metrics["nested_choice"].values():
         assert choice["label"] in ("plain", "flip TTA") and choice["min_size"] in (0, 10, 50)
     post = json.loads((run / "postprocess.json").read_text())

@@ -7,8 +7,9 @@ score without the run folder that made it. It prints three scores on those image
 
 - as shipped: each fold's images through its own model(s) with the bundle's TTA, cut-off, size and gate;
 - untuned: logit 0, no TTA, no size filter;
-- nested: the post-processing chosen on the other folds only (:func:`saltlib.evaluate.nested`),
-  over the bundle's ``params.yaml`` grid (``min_sizes``, ``peak_gates``).
+- nested: the post-processing chosen on the other folds only (:func:`saltlib.evaluate.nested`; a
+  one-fold bundle is split into five parts), over the bundle's ``params.yaml`` grid (``min_sizes``,
+  ``peak_gates``).
 
 ::
 
@@ -92,18 +93,16 @@ def main(argv=None) -> dict:
           + ", ".join(f"{f}: {s:.4f}" for f, s in result["per_fold"].items())
           + (f"; bundle.json records {result['card']:.4f})" if result["card"] is not None else ")"))
     print(f"untuned (logit 0, no TTA, no size filter): {result['untuned']:.4f}")
-    if len(members) > 1:
-        candidates = {"plain": oof["plain"], "flip TTA": oof["flip TTA"]}
-        nested, chosen = evaluate.nested(truth, candidates, fold_col, metric.LOGIT_THRESHOLDS, cfg["min_sizes"],
-                                         cfg["peak_gates"])
-        result["nested"] = float(nested.mean())
-        print(f"nested (post-processing chosen on the other folds): {result['nested']:.4f}")
-        for f, c in chosen.items():
-            gate = "" if c["peak_gate"] is None else f", gate {c['peak_gate']:+.1f}"
-            print(f"  fold {f}: {nested[fold_col == f].mean():.4f} with {c['label']}, cut-off {c['threshold']:+.2f}, "
-                  f"min size {c['min_size']}{gate}")
-    else:
-        print("nested: needs two or more bundled folds")
+    groups, over = evaluate.nesting_groups(fold_col, data.coverage_class(truth), meta["seed"])
+    candidates = {"plain": oof["plain"], "flip TTA": oof["flip TTA"]}
+    nested, chosen = evaluate.nested(truth, candidates, groups, metric.LOGIT_THRESHOLDS, cfg["min_sizes"],
+                                     cfg["peak_gates"])
+    result["nested"] = float(nested.mean())
+    print(f"nested over {over} (post-processing chosen on the others): {result['nested']:.4f}")
+    for f, c in chosen.items():
+        gate = "" if c["peak_gate"] is None else f", gate {c['peak_gate']:+.1f}"
+        print(f"  group {f}: {nested[groups == f].mean():.4f} with {c['label']}, cut-off {c['threshold']:+.2f}, "
+              f"min size {c['min_size']}{gate}")
     print(f"{time.time() - t0:.0f} s")
     return result
 

@@ -5,7 +5,7 @@ largest-logit gate on the same out-of-fold images it scores, so its CV score is 
 It also records the nested score (``cv_score_nested`` in ``metrics.json``), with the run's
 ``peak_gates``. This script prints that score with and without a gate, for runs of any age: for each
 fold, every setting is chosen on the other folds' out-of-fold predictions and applied to this fold
-(:func:`saltlib.evaluate.nested`)::
+(:func:`saltlib.evaluate.nested`; a one-fold run is split into five parts instead)::
 
     python tools/nested_cv.py papermill_runs/resunet16-eh
 """
@@ -47,12 +47,14 @@ def main(argv=None) -> None:
     if args.no_tta:
         del candidates["flip TTA"]
     gates = cfg["peak_gates"] or DEFAULT_GATES
-    print(f"{len(truth)} out-of-fold images, folds {cfg['folds']}, choosing among: {', '.join(candidates)}")
+    groups, over = evaluate.nesting_groups(fold_of, data.coverage_class(truth), cfg["seed"])
+    print(f"{len(truth)} out-of-fold images, folds {cfg['folds']}, nested over {over}, "
+          f"choosing among: {', '.join(candidates)}")
     for label, g in (("cut-off + min size", []), ("cut-off + min size + peak gate", gates)):
-        scores, chosen = evaluate.nested(truth, candidates, fold_of, metric.LOGIT_THRESHOLDS, cfg["min_sizes"], g)
+        scores, chosen = evaluate.nested(truth, candidates, groups, metric.LOGIT_THRESHOLDS, cfg["min_sizes"], g)
         print(f"{label}: nested CV {scores.mean():.4f}")
         for f, c in chosen.items():
-            print(f"  fold {f}: {scores[fold_of == f].mean():.4f} with {_setting(c)} (chosen on the other folds)")
+            print(f"  group {f}: {scores[groups == f].mean():.4f} with {_setting(c)} (chosen on the others)")
 
 
 if __name__ == "__main__":
