@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, io, metric, predict
+from . import data, io, metric, predict, train
 
 
 def choose(truth, candidates: dict, thresholds=metric.LOGIT_THRESHOLDS, min_sizes=(0,), peak_gates=()):
@@ -48,11 +48,16 @@ def nested(truth, candidates: dict, fold_of, thresholds=metric.LOGIT_THRESHOLDS,
         applied to it: ``{"label", "threshold", "min_size", "peak_gate"}``.
     Raises:
         ValueError: fewer than two folds (nothing to tune on).
+        saltlib.predict.NonFiniteLogitsError: NaN or infinite logits (``.indices``: the images).
     """
     truth, fold_of = np.asarray(truth, bool), np.asarray(fold_of)
     folds = np.unique(fold_of)
     if len(folds) < 2:
         raise ValueError(f"nested scoring needs at least two folds, got {folds.tolist()}")
+    for v in candidates.values():  # checked here, where the indices are those of the input
+        v = np.asarray(v)
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            raise predict.NonFiniteLogitsError(np.flatnonzero(~np.isfinite(v.reshape(len(v), -1)).all(axis=1)))
     scores, chosen = np.zeros(len(truth)), {}
     for f in folds:
         rest, here = fold_of != f, fold_of == f
@@ -143,3 +148,27 @@ def bundle_members(models_dir, folds) -> list[Path]:
         out += [done.parent / m for m in io.read_json(done).get("models", ["model.keras"])]
     return out
 
+
+
+def bundle_layout(models_dir, folds, ids, split) -> tuple[list[Path], dict]:
+    """The bundle's model files (:func:`bundle_members`) and what ``bundle.json`` records about them,
+    so that the bundle can be re-scored later on exactly the images its models held out
+    (``tools/bundle_cv.py``).
+
+    Args:
+        models_dir: the run's model folder.
+        folds: the bundled folds, in bundle order.
+        ids: ``(N,)`` image ids of the data set the folds were made from.
+        split: ``(N,)`` fold of each image.
+    Returns:
+        ``(paths, layout)``: the model files, and ``{"members": {fold: [model index, ...]},
+        "val_ids_sha256": {fold: digest of the held-out ids}}`` keyed by fold strings (the digest
+        of :func:`saltlib.train.split_record`).
+    """
+    paths, members, digests = [], {}, {}
+    for f in folds:
+        fold_paths = bundle_members(models_dir, [f])
+        members[str(int(f))] = list(range(len(paths), len(paths) + len(fold_paths)))
+        paths += fold_paths
+        digests[str(int(f))] = train.split_record(ids, split, f)["val_ids_sha256"]
+    return paths, {"members": members, "val_ids_sha256": digests}

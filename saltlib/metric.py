@@ -73,7 +73,7 @@ def threshold_counts(truth, values, thresholds):
     Returns:
         ``(intersection, truth_area, pred_area)``: arrays of shape ``(N, T)``, ``(N, 1)``, ``(N, T)``.
     Raises:
-        ValueError: shapes differ, or ``values`` hold NaN (named by image index).
+        ValueError: shapes differ, or ``values`` hold NaN or infinity (named by image index).
     """
     t = _as_masks(truth, "truth")
     t = t.reshape(len(t), -1)  # a single (H,W) mask is one image, as in image_scores
@@ -85,9 +85,10 @@ def threshold_counts(truth, values, thresholds):
     v = v.reshape(len(v), -1)
     if v.shape != t.shape:
         raise ValueError(f"values shape {v.shape} != truth shape {t.shape}")
-    bad = np.flatnonzero(np.isnan(v).any(axis=1)) if v.dtype.kind == "f" else []
-    if len(bad):  # NaN > t is False for every t: a silent "no salt", so refuse instead
-        raise ValueError(f"values are NaN in {len(bad)} image(s), first at index {bad[0]}: a diverged model?")
+    bad = np.flatnonzero(~np.isfinite(v).all(axis=1)) if v.dtype.kind == "f" else []
+    if len(bad):  # NaN > t is False for every t: a silent "no salt", so refuse instead (and infinity)
+        raise ValueError(f"values are NaN or infinite in {len(bad)} image(s), first at index {bad[0]}: "
+                         "a diverged model?")
     thr = np.asarray(thresholds, dtype=np.float64)
     # in chunks of images: the temporaries stay small and are reused, which is ~3x faster on
     # thousands of masks than one pass (that spends most of its time faulting in fresh memory)

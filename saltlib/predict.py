@@ -66,6 +66,9 @@ class NonFiniteLogitsError(ValueError):
             "(a diverged model?)"
         )
 
+    def __reduce__(self):  # pickles (e.g. across processes) with its indices, not its message
+        return type(self), (self.indices,)
+
 
 # --------------------------------------------------------------------------- post-processing
 def postprocess(logits, threshold: float = 0.0, min_size: int = 0, peak_gate: float | None = None) -> np.ndarray:
@@ -97,7 +100,8 @@ def postprocess(logits, threshold: float = 0.0, min_size: int = 0, peak_gate: fl
             raise NonFiniteLogitsError(bad)
     masks = a > threshold
     if peak_gate is not None:
-        masks[a.max(axis=(1, 2), initial=-np.inf) <= peak_gate] = False
+        peak = a.reshape(len(a), -1).max(axis=1) if a.size else np.zeros(len(a))
+        masks[peak <= peak_gate] = False
     if min_size > 0:
         small = masks.sum(axis=(1, 2)) < min_size
         masks[small] = False

@@ -148,7 +148,8 @@ def git_info(root=PROJECT_ROOT) -> dict:
     ``params/``, ``tools/``): a new module is part of the run but not of the commit.
     """
     def git(*args):
-        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                             errors="surrogateescape", timeout=20)  # file names need not be UTF-8
         if out.returncode != 0:
             raise RuntimeError(out.stderr)
         return out.stdout.strip()
@@ -156,24 +157,14 @@ def git_info(root=PROJECT_ROOT) -> dict:
     try:
         return {
             "commit": git("rev-parse", "HEAD"),
-            "dirty": _dirty(git("status", "--porcelain", "-z", "--untracked-files=all")),
+            # two calls: tracked changes anywhere; untracked files only under the code folders (the
+            # pathspecs are relative to root, so this holds when the project is a subfolder of a repo)
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")
+                          or git("status", "--porcelain", "--untracked-files=all", "--", *CODE_DIRS)),
             "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
         }
-    except (OSError, RuntimeError, subprocess.SubprocessError):
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None, "branch": None}
-
-
-def _dirty(porcelain_z: str) -> bool:
-    """Whether ``git status --porcelain -z --untracked-files=all`` output makes a run's checkout dirty:
-    any change to a tracked file, or an untracked (not ignored) file under :data:`CODE_DIRS`."""
-    for entry in porcelain_z.split("\0"):
-        if not entry:
-            continue  # a rename's second (origin) path follows its entry, which already counted
-        if not entry.startswith("?? "):
-            return True
-        if entry[3:].split("/", 1)[0] in CODE_DIRS:
-            return True
-    return False
 
 
 def package_versions(names=VERSION_PACKAGES) -> dict:

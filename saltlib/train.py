@@ -56,6 +56,18 @@ def recipe(cfg: dict) -> dict:
     return json.loads(json.dumps({k: cfg[k] for k in TRAIN_KEYS if k not in NOT_RECIPE}))
 
 
+def _plain(v):
+    """``v`` with tuples as lists and numpy scalars as Python numbers, recursively (what a parameter
+    file would give), so configurations built in code pass the same checks."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
 def recipe_diff(recorded: dict, cfg: dict) -> dict:
     """Keys whose recorded value differs from ``cfg``'s, as ``{key: (recorded, cfg)}``. A key that
     a recipe recorded before it existed counts as its default (the behaviour of that time)."""
@@ -299,10 +311,12 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
 
     from . import augment, distribute
 
-    cfg = {**DEFAULTS, **cfg}
+    cfg = {k: _plain(v) for k, v in {**DEFAULTS, **cfg}.items()}
     # the parameter checks of a run, for direct callers too (types, ranges, snapshots before the last stage)
     params.check({k: cfg[k] for k in TRAIN_KEYS}, f"fold {fold} training configuration",
                  base={**params.defaults(), **cfg})
+    if not (np.asarray(folds) == fold).any():
+        raise ValueError(f"fold {fold} holds no images: the split has folds {np.unique(folds).tolist()}")
     fold_dir = Path(out_dir) / f"fold{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     done_path, recipe_path = fold_dir / "done.json", fold_dir / "recipe.json"

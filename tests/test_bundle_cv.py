@@ -11,7 +11,7 @@ import pytest
 
 import _smoke
 from conftest import load_tool
-from saltlib import data, predict, train
+from saltlib import data, evaluate, metric, predict, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
@@ -25,54 +25,101 @@ def smoke_ok(tmp_path_factory, real_data):
 
 
 @pytest.fixture(scope="module")
-def two_fold_bundle(smoke_ok, tmp_path_factory):
-    """Folds 0 and 1 of the smoke run in one bundle, with the run's post-processing and params.yaml."""
+def split(smoke_ok):
+    ds = data.load_train(smoke_ok.data_dir, limit=48)
+    return ds, data.kfold(ds, 3, 42)
+
+
+def _bundle(smoke_ok, dest, layout: bool, split=None):
+    """Folds 0 and 1 of the smoke run in one bundle, with the run's post-processing and params.yaml;
+    ``layout``: with the per-fold members and held-out digests notebook 03 now records."""
     run = smoke_ok.run_dir
     post = json.loads((run / "postprocess.json").read_text())
-    dest = tmp_path_factory.mktemp("bundle_cv") / "two"
-    predict.write_bundle(dest, [run / "models" / f"fold{f}" / "model.keras" for f in (0, 1)], post["threshold"],
-                         post["min_size"], post["tta"], peak_gate=post["peak_gate"],
-                         meta={"folds": [0, 1], "n_folds": 3, "seed": 42, "limit": 48, "cv_score": 0.5})
+    meta = {"folds": [0, 1], "n_folds": 3, "seed": 42, "limit": 48, "cv_score": 0.5}
+    paths = [run / "models" / f"fold{f}" / "model.keras" for f in (0, 1)]
+    if layout:
+        ds, fold_of = split
+        paths, extra = evaluate.bundle_layout(run / "models", [0, 1], ds.ids, fold_of)
+        meta.update(extra)
+    predict.write_bundle(dest, paths, post["threshold"], post["min_size"], post["tta"], peak_gate=post["peak_gate"],
+                         meta=meta)
     shutil.copy(run / "params.yaml", dest / "params.yaml")
     return dest
 
 
-def test_logits_are_the_runs_out_of_fold_logits(smoke_ok, two_fold_bundle):
+@pytest.fixture(scope="module")
+def old_bundle(smoke_ok, tmp_path_factory):
+    return _bundle(smoke_ok, tmp_path_factory.mktemp("bundle_cv") / "old", layout=False)
+
+
+@pytest.fixture(scope="module")
+def new_bundle(smoke_ok, split, tmp_path_factory):
+    return _bundle(smoke_ok, tmp_path_factory.mktemp("bundle_cv") / "new", layout=True, split=split)
+
+
+def test_logits_are_the_runs_out_of_fold_logits(smoke_ok, old_bundle, split):
     """Each fold's images through that fold's model only: the logits train_fold saved in oof.npz."""
     tool = load_tool("bundle_cv")
-    bundle = predict.load_bundle(two_fold_bundle)
-    members = tool.fold_members(bundle, [])
-    assert members == {0: [0], 1: [1]}
-    ds = data.load_train(smoke_ok.data_dir, limit=48)
-    fold_of = data.kfold(ds, 3, 42)
+    bundle = predict.load_bundle(old_bundle)
+    members, matched = tool.fold_members(bundle, [])
+    assert members == {0: [0], 1: [1]} and matched.startswith("matched by count")
+    ds, fold_of = split
     oof = tool.oof_logits(bundle, ds, fold_of, members)
     saved = train.load_oof(smoke_ok.run_dir / "models", ds, fold_of, [0, 1])
     np.testing.assert_array_equal(oof["idx"], saved["idx"])
     np.testing.assert_array_equal(oof["fold"], saved["fold"])
     np.testing.assert_allclose(oof["plain"], saved["logits"], atol=0.02, rtol=0.002)  # oof.npz is float16
     np.testing.assert_allclose(oof["flip TTA"], saved["logits_tta"], atol=0.02, rtol=0.002)
+    # the TTA here (plain pass reused) equals train.predict_logits' own, on fold 0's 16 images
+    x0 = ds.images[oof["idx"][:16]]
+    np.testing.assert_allclose(oof["flip TTA"][:16], train.predict_logits(bundle.models[0], x0, tta=True), atol=1e-5)
 
 
-def test_main_prints_the_three_scores(smoke_ok, two_fold_bundle, capsys):
+@pytest.mark.parametrize("no_gates", [False, True])
+def test_main_prints_the_three_scores(smoke_ok, new_bundle, split, capsys, no_gates):
     tool = load_tool("bundle_cv")
-    result = tool.main([str(two_fold_bundle), "--data-dir", str(smoke_ok.data_dir)])
+    result = tool.main([str(new_bundle), "--data-dir", str(smoke_ok.data_dir)] + (["--no-gates"] if no_gates else []))
     out = capsys.readouterr().out
-    metrics = json.loads((smoke_ok.run_dir / "metrics.json").read_text())
-    assert result["n_images"] == 32 and set(result["per_fold"]) == {0, 1}
-    # the run scored the same images with the same models and settings (from float16 logits)
-    assert result["shipped"] == pytest.approx(metrics["cv_score"], abs=1 / 32)
-    assert result["untuned"] == pytest.approx(metrics["cv_score_untuned"], abs=1 / 32)
-    assert result["nested"] == pytest.approx(metrics["cv_score_nested"], abs=1 / 32)
-    assert np.mean(list(result["per_fold"].values())) == pytest.approx(result["shipped"])  # 16 images each
-    assert f"as shipped: CV {result['shipped']:.4f}" in out and "bundle.json records 0.5000" in out
-    assert f"nested over the 2 folds (post-processing chosen on the others): {result['nested']:.4f}" in out
+    assert "models as bundle.json records them; held-out ids match bundle.json" in out
+    # the same numbers from the tool's logits, computed here with the library
+    bundle = predict.load_bundle(new_bundle)
+    ds, fold_of = split
+    oof = tool.oof_logits(bundle, ds, fold_of, {0: [0], 1: [1]})
+    truth = ds.masks[oof["idx"]]
+    shipped = metric.image_scores(truth, predict.postprocess(oof["flip TTA" if bundle.tta else "plain"],
+                                                              bundle.threshold, bundle.min_size, bundle.peak_gate))
+    assert result["n_images"] == 32 and result["shipped"] == pytest.approx(shipped.mean())
+    assert result["per_fold"] == pytest.approx({0: shipped[:16].mean(), 1: shipped[16:].mean()})
+    assert result["untuned"] == pytest.approx(metric.competition_score(truth, oof["plain"] > 0))
+    gates = [] if no_gates else [0.0, 1.0]  # smoke.yaml's peak_gates
+    nested, _ = evaluate.nested(truth, {"plain": oof["plain"], "flip TTA": oof["flip TTA"]}, oof["fold"],
+                                min_sizes=[0, 10, 50], peak_gates=gates)
+    assert result["nested"] == pytest.approx(nested.mean())
+    assert f"as shipped: CV {result['shipped']:.4f}" in out
+    assert "bundle.json records 0.5000 over folds [0, 1], from the training-time logits" in out
+    assert f"nested over the 2 folds (TTA or not, cut-off, size{'' if no_gates else ', gate'} chosen on the others): " \
+           f"{result['nested']:.4f}" in out
 
 
-def test_models_must_match_the_folds(two_fold_bundle, tmp_path):
+def test_a_changed_split_is_refused(new_bundle, split, tmp_path):
     tool = load_tool("bundle_cv")
-    bundle = predict.load_bundle(two_fold_bundle)
+    bundle = predict.load_bundle(new_bundle)
+    ds, fold_of = split
+    assert tool.check_split(bundle, ds.ids, fold_of, {0: [0], 1: [1]}) == "held-out ids match bundle.json"
+    with pytest.raises(ValueError, match="fold 1's held-out images differ from those bundle.json records"):
+        tool.check_split(bundle, ds.ids, (fold_of + 1) % 3, {1: [1]})
+
+
+def test_models_must_match_the_folds(old_bundle, new_bundle):
+    tool = load_tool("bundle_cv")
+    old = predict.load_bundle(old_bundle)
     with pytest.raises(ValueError, match=r"2 model\(s\) for folds \[0, 1\] with 2 member\(s\) each"):
-        tool.fold_members(bundle, [1])  # a snapshot per fold would need four models
-    bundle.meta = {k: v for k, v in bundle.meta.items() if k != "folds"}
+        tool.fold_members(old, [1])  # a snapshot per fold would need four models
+    new = predict.load_bundle(new_bundle)
+    assert tool.fold_members(new, [1]) == ({0: [0], 1: [1]}, "as bundle.json records them")  # snapshots unused
+    new.meta = {**new.meta, "members": {"0": [0], "1": [0]}}
+    with pytest.raises(ValueError, match="does not list each of the 2 model"):
+        tool.fold_members(new, [])
+    old.meta = {k: v for k, v in old.meta.items() if k != "folds"}
     with pytest.raises(ValueError, match="no meta.folds"):
-        tool.fold_members(bundle, [])
+        tool.fold_members(old, [])

@@ -3,6 +3,7 @@ hand-built masks with hand-computed answers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -68,6 +69,11 @@ def test_bundle_members_follow_done_json(tmp_path):
         tmp_path / "fold2" / "model.keras", tmp_path / "fold0" / "model.keras", tmp_path / "fold0" / "snapshot1.keras"]
     with pytest.raises(FileNotFoundError, match="fold 1 is not trained"):
         evaluate.bundle_members(tmp_path, [0, 1])
+    ids, split = np.array(["c", "a", "b", "d"]), np.array([0, 2, 0, 1])
+    paths, layout = evaluate.bundle_layout(tmp_path, [2, 0], ids, split)
+    assert paths == evaluate.bundle_members(tmp_path, [2, 0])
+    assert layout["members"] == {"2": [0], "0": [1, 2]}
+    assert layout["val_ids_sha256"] == {"2": hashlib.sha256(b"a").hexdigest(), "0": hashlib.sha256(b"b\nc").hexdigest()}
 
 
 def _gate_case():
@@ -139,3 +145,13 @@ def test_nesting_groups_are_the_folds_or_parts_of_one_fold():
     assert evaluate.nesting_groups(np.zeros(3), np.zeros(3))[1] == "3 parts of fold 0"
     with pytest.raises(ValueError, match="at least two images"):
         evaluate.nesting_groups(np.zeros(1), np.zeros(1))
+
+
+def test_nested_names_non_finite_logits_by_their_input_index():
+    from saltlib import predict
+
+    truth, logits, fold_of = _gate_case()  # image 13 sits in fold 3
+    logits[13, 0, 0] = np.inf
+    with pytest.raises(predict.NonFiniteLogitsError, match="first at index 13") as e:
+        evaluate.nested(truth, {"plain": logits}, fold_of)
+    assert e.value.indices == [13]

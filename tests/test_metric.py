@@ -241,14 +241,15 @@ def test_chunked_counts_equal_reference(monkeypatch, chunk):
     assert inter.shape == p_area.shape == (17, 11) and t_area.shape == (17, 1)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("thresholds", [np.linspace(-2, 2, 21), np.array([-1.3, 0.0, 0.7])])
-def test_nan_values_are_refused_on_both_paths(thresholds):
+def test_non_finite_values_are_refused_on_both_paths(thresholds, bad):
     """NaN logits (a diverged model) would read as "no salt" at every cut-off; both the evenly
-    spaced fast path and the searchsorted path refuse them, naming the first image."""
+    spaced fast path and the searchsorted path refuse them, and infinities, naming the first image."""
     truth, values = _random_case(4)
     values = values.astype(np.float32)
-    values[3, 5, 7] = np.nan
-    with pytest.raises(ValueError, match=r"NaN in 1 image\(s\), first at index 3"):
+    values[3, 5, 7] = bad
+    with pytest.raises(ValueError, match=r"NaN or infinite in 1 image\(s\), first at index 3"):
         metric.sweep_thresholds(truth, values, thresholds)
 
 

@@ -161,6 +161,9 @@ def test_smoke_metrics_and_run_json(smoke_ok):
     assert bundle.get("peak_gate") == metrics["peak_gate"] == post["peak_gate"]
     assert metrics["bundle_folds"] == [0] and bundle["meta"]["tuned_on_folds"] == [0, 1]
     assert len(bundle["models"]) == 1  # fold 1 is scored and tuned on, not bundled
+    split0 = json.loads((run / "models" / "fold0" / "split.json").read_text())
+    assert bundle["meta"]["members"] == {"0": [0]}
+    assert bundle["meta"]["val_ids_sha256"] == {"0": split0["val_ids_sha256"]}
 
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "finished" and info["error"] is None

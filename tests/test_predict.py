@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -120,7 +121,6 @@ def test_postprocess_peak_gate(gate, kept):
     assert not predict.postprocess(logits, 0.0, min_size=10, peak_gate=gate).any()
 
 
-
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
 def test_postprocess_refuses_non_finite_logits(bad_value):
     """``NaN > 0`` is False, so a diverged model would read as "no salt": refused, naming the images."""
@@ -132,6 +132,19 @@ def test_postprocess_refuses_non_finite_logits(bad_value):
     assert e.value.indices == [1, 3]
     assert isinstance(e.value, ValueError)
     assert predict.postprocess(logits[[0, 2]]).all()  # the finite images alone pass
+    again = pickle.loads(pickle.dumps(e.value))  # e.g. raised in a worker process
+    assert again.indices == [1, 3] and str(again) == str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float16, bool])
+def test_postprocess_gate_on_any_dtype(dtype):
+    """Integer, half and bool logits: the gate compares each image's largest value."""
+    logits = np.zeros((3, 101, 101), dtype)
+    logits[1, :3, :3] = 1
+    m = predict.postprocess(logits, threshold=0.5, peak_gate=0.5)
+    assert m.sum(axis=(1, 2)).tolist() == [0, 9, 0]
+    assert predict.postprocess(logits, threshold=0.5, peak_gate=1.0).sum() == 0  # gated: peak 1 <= 1
+    assert predict.postprocess(np.zeros((0, 101, 101), dtype), peak_gate=0.5).shape == (0, 101, 101)
 
 
 # --------------------------------------------------------------------------- bundles

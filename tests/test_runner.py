@@ -9,8 +9,8 @@ must stop the run, keep the partial notebook and its HTML, and mark ``run.json``
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -239,35 +239,45 @@ def test_package_versions_and_git():
     assert set(g) == {"commit", "dirty", "branch"}
 
 
-def test_git_info_dirty_means_changed_tracked_files_or_new_code(tmp_path):
-    """Untracked files count only among the code a run executes; ignored files never count."""
+def _git(repo, *args):
     import subprocess
 
-    def git(*args):
-        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                   capture_output=True)
 
-    git("init", "-q", "-b", "main")
-    (tmp_path / "saltlib").mkdir()
-    (tmp_path / "saltlib" / "a.py").write_text("x = 1\n")
-    (tmp_path / ".gitignore").write_text("__pycache__/\n")
-    git("add", ".")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
-    g = runner.git_info(tmp_path)
+
+@pytest.mark.parametrize("subfolder", ["", "proj"], ids=["project at the top", "project in a subfolder"])
+def test_git_info_dirty_means_changed_tracked_files_or_new_code(tmp_path, subfolder):
+    """Untracked files count only among the code a run executes (also when the project is a
+    subfolder of a larger repository); ignored files never count; odd file names do not break it."""
+    repo = tmp_path / "repo"
+    root = repo / subfolder
+    (root / "saltlib").mkdir(parents=True)
+    _git(repo, "init", "-q", "-b", "main")
+    (root / "saltlib" / "a.py").write_text("x = 1\n")
+    (repo / ".gitignore").write_text("__pycache__/\n")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "init")
+    g = runner.git_info(root)
     assert g["dirty"] is False and g["branch"] == "main" and len(g["commit"]) == 40
 
-    (tmp_path / "notes.txt").write_text("scratch")  # untracked, outside the code folders
-    (tmp_path / "saltlib" / "__pycache__").mkdir()
-    (tmp_path / "saltlib" / "__pycache__" / "a.pyc").write_bytes(b"\0")  # ignored
-    assert runner.git_info(tmp_path)["dirty"] is False
-    (tmp_path / "params").mkdir()
-    (tmp_path / "params" / "new run.yaml").write_text("seed: 1\n")  # new code, a space in its name
-    assert runner.git_info(tmp_path)["dirty"] is True
-    (tmp_path / "params" / "new run.yaml").unlink()
-    assert runner.git_info(tmp_path)["dirty"] is False
-    (tmp_path / "saltlib" / "a.py").write_text("x = 2\n")  # a tracked change
-    assert runner.git_info(tmp_path)["dirty"] is True
-    git("mv", "saltlib/a.py", "saltlib/b.py")  # a staged rename (two paths in -z output)
-    assert runner.git_info(tmp_path)["dirty"] is True
+    (root / "notes.txt").write_text("scratch")  # untracked, outside the code folders
+    (root / os.fsdecode(b"notes-\xff.txt")).write_text("x")  # a name that is not UTF-8
+    (root / "saltlib" / "__pycache__").mkdir()
+    (root / "saltlib" / "__pycache__" / "a.pyc").write_bytes(b"\0")  # ignored
+    assert runner.git_info(root)["dirty"] is False
+    new = root / "params" / os.fsdecode(b"new run \xff.yaml")  # new code, a space and a non-UTF-8 byte
+    new.parent.mkdir()
+    new.write_text("seed: 1\n")
+    assert runner.git_info(root)["dirty"] is True
+    new.unlink()
+    assert runner.git_info(root)["dirty"] is False
+    (root / "saltlib" / "a.py").write_text("x = 2\n")  # a tracked change
+    assert runner.git_info(root)["dirty"] is True
+    _git(repo, "checkout", "--", ".")
+    assert runner.git_info(root)["dirty"] is False
+    _git(root, "mv", "saltlib/a.py", "saltlib/b.py")  # a staged rename, contents unchanged
+    assert runner.git_info(root)["dirty"] is True
     assert runner.git_info(tmp_path / "no-such-folder") == {"commit": None, "dirty": None, "branch": None}
 
 

@@ -84,11 +84,16 @@ def test_card_names_the_hardware_of_a_fold_trained_elsewhere(smoke_ok, tmp_path)
     done_path = run / "models" / "fold0" / "done.json"
     done = json.loads(done_path.read_text())
     done_path.write_text(json.dumps({**done, "hardware": "one test GPU", "seconds": 120.0}))
+    cpu_path = run / "models" / "fold1" / "done.json"  # fold 1: trained here; give it a known time
+    cpu_path.write_text(json.dumps({**json.loads(cpu_path.read_text()), "seconds": 900.0}))
+    host = json.loads((run / "run.json").read_text())["host"]
+    cpu_time = f"{0.25:.2f} h of training" if host.get("gpus") else f"{0.25 * (host['cpus'] or 1):.1f} CPU-core-hours"
     card = (ship.ship(run, "gpu", models_dir=tmp_path / "models") / "MODEL_CARD.md").read_text()
     fold_line = next(l for l in card.splitlines() if l.startswith("- fold 0:"))
     assert "2.0 min" in fold_line and "on one test GPU" in fold_line
     hardware = next(l for l in card.splitlines() if l.startswith("- Hardware:"))
-    assert "0.0 CPU-core-hours" in hardware and "Fold(s) [0]: 2.0 min of training" in hardware
+    assert cpu_time in hardware  # fold 1's 15 min only
+    assert "Fold(s) [0]: 2.0 min of training" in hardware
 
 
 def test_card_facts_come_from_the_run_records(smoke_ok, tmp_path):

@@ -349,6 +349,25 @@ def test_strategy_must_be_known(dataset, tmp_path):
     assert not any(tmp_path.iterdir())  # refused before anything is written
 
 
+def test_configurations_built_in_code_pass_the_checks(dataset, tmp_path, monkeypatch):
+    """Tuples and numpy scalars (what code, not a YAML file, gives) are taken as lists and numbers;
+    a fold the split does not have is refused before anything is written."""
+    ds, folds = dataset
+    cfg = {**NAN_CFG, "stages": tuple(dict(st, epochs=np.int64(st["epochs"]), lr=np.float32(st["lr"]))
+                                      for st in NAN_CFG["stages"]),
+           "batch_size": np.int64(NAN_CFG["batch_size"]), "seed": np.int32(3), "dropout": np.float64(0.0)}
+    seen = {}
+    monkeypatch.setattr(train.params, "check", lambda values, source, base=None: seen.update(values) or values)
+    with pytest.raises(ValueError, match=r"fold 5 holds no images: the split has folds \[0, 1, 2\]"):
+        train.train_fold(ds, folds, 5, cfg, tmp_path, verbose=0)
+    assert not any(tmp_path.iterdir())
+    assert type(seen["batch_size"]) is int and type(seen["seed"]) is int and type(seen["dropout"]) is float
+    assert isinstance(seen["stages"], list) and type(seen["stages"][0]["lr"]) is float
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="fold 5 holds no images"):  # the real checks accept it all
+        train.train_fold(ds, folds, 5, cfg, tmp_path, verbose=0)
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("batch_size", 0, "parameter 'batch_size'"),
     ("stages", [{"loss": "lovasz", "epochs": 1, "lr": 0}], "parameter 'stages' stage 1: lr must be"),

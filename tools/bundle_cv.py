@@ -9,7 +9,10 @@ score without the run folder that made it. It prints three scores on those image
 - untuned: logit 0, no TTA, no size filter;
 - nested: the post-processing chosen on the other folds only (:func:`saltlib.evaluate.nested`; a
   one-fold bundle is split into five parts), over the bundle's ``params.yaml`` grid (``min_sizes``,
-  ``peak_gates``).
+  ``peak_gates``; ``--no-gates`` leaves the gates out).
+
+Bundles written since 2026-11-27 record which models belong to which fold and a digest of the
+images each fold held out; the tool checks the recomputed split against it and refuses a mismatch.
 
 ::
 
@@ -30,33 +33,69 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from saltlib import data, evaluate, metric, params, predict, train  # noqa: E402
 
 
-def fold_members(bundle: predict.Bundle, snapshots) -> dict:
-    """``{fold: [model index, ...]}``: the bundle's models in the order notebook 03 wrote them
-    (each bundled fold's final model, then its snapshots).
+def fold_members(bundle: predict.Bundle, snapshots) -> tuple[dict, str]:
+    """``({fold: [model index, ...]}, how they were matched)``.
+
+    Bundles written since 2026-11-27 record the members of each fold (``meta.members``). For older
+    ones the models are matched by count, in the order notebook 03 writes them (each bundled fold's
+    final model, then ``snapshots`` from ``params.yaml``): right unless a fold was reused from a
+    run with other snapshots.
 
     Raises:
-        ValueError: the bundle does not record its folds, or its model count does not match them.
+        ValueError: the bundle does not record its folds, its members do not cover its models once
+            each, or (matched by count) the model count does not fit the folds.
     """
-    folds = bundle.meta.get("folds")
+    meta = bundle.meta
+    folds = meta.get("folds")
     if not folds:
         raise ValueError(f"{bundle.path}: bundle.json has no meta.folds, so its models cannot be matched to folds")
+    if "members" in meta:
+        members = {int(f): [int(k) for k in ks] for f, ks in meta["members"].items()}
+        if set(members) != {int(f) for f in folds} or sorted(sum(members.values(), [])) != list(range(len(bundle.models))):
+            raise ValueError(f"{bundle.path}: meta.members {meta['members']} does not list each of the "
+                             f"{len(bundle.models)} model(s) once for folds {folds}")
+        return members, "as bundle.json records them"
     per_fold = 1 + len(set(snapshots))
     if len(bundle.models) != per_fold * len(folds):
         raise ValueError(f"{bundle.path}: {len(bundle.models)} model(s) for folds {folds} with {per_fold} member(s) "
                          "each (the final model and the snapshots of params.yaml) do not match")
-    return {int(f): list(range(k * per_fold, (k + 1) * per_fold)) for k, f in enumerate(folds)}
+    members = {int(f): list(range(k * per_fold, (k + 1) * per_fold)) for k, f in enumerate(folds)}
+    return members, "matched by count (bundle.json does not record them)"
+
+
+def check_split(bundle: predict.Bundle, ids, fold_of, members) -> str:
+    """Check that the recomputed split holds out the images each fold's models held out.
+
+    Returns:
+        a few words on what was checked.
+    Raises:
+        ValueError: a fold's held-out ids differ from those ``bundle.json`` records (another data
+            folder or ``limit``, or a change to the split): its models may have trained on them.
+    """
+    recorded = bundle.meta.get("val_ids_sha256")
+    if not recorded:
+        return "held-out ids not recorded in bundle.json: the split is recomputed from seed and n_folds"
+    for f in members:
+        now = train.split_record(ids, fold_of, f)["val_ids_sha256"]
+        if recorded.get(str(f)) != now:
+            raise ValueError(f"{bundle.path}: fold {f}'s held-out images differ from those bundle.json records "
+                             "(other data, limit or split): its models may have trained on them")
+    return "held-out ids match bundle.json"
 
 
 def oof_logits(bundle: predict.Bundle, ds, fold_of, members: dict, batch_size: int = 64) -> dict:
     """Each bundled fold's held-out images through that fold's models: ``idx``, ``fold``, ``plain``
-    and ``flip TTA`` logits (mean over the fold's members), concatenated in fold order."""
+    and ``flip TTA`` logits (mean over the fold's members; TTA as :func:`saltlib.train.predict_logits`
+    does it), concatenated in fold order."""
     out = {"idx": [], "fold": [], "plain": [], "flip TTA": []}
     for f, ks in members.items():
         idx = np.flatnonzero(fold_of == f)
         x = ds.images[idx]
-        for label, tta in (("plain", False), ("flip TTA", True)):
-            out[label].append(np.mean([train.predict_logits(bundle.models[k], x, batch_size, tta=tta) for k in ks],
-                                      axis=0))
+        plain = np.mean([train.predict_logits(bundle.models[k], x, batch_size) for k in ks], axis=0)
+        flipped = np.mean([train.predict_logits(bundle.models[k], x[:, :, ::-1], batch_size)[:, :, ::-1]
+                           for k in ks], axis=0)
+        out["plain"].append(plain)
+        out["flip TTA"].append(0.5 * (plain + flipped))
         out["idx"].append(idx)
         out["fold"].append(np.full(len(idx), f))
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -66,15 +105,17 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", help="a bundle folder with bundle.json and params.yaml (as `salt ship` writes it)")
     ap.add_argument("--data-dir", default=None, help="the labelled data (default: as `salt run` finds it)")
+    ap.add_argument("--no-gates", action="store_true", help="leave the peak gates of params.yaml out of the nested grid")
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args(argv)
     t0 = time.time()
     bundle = predict.load_bundle(args.bundle)
     cfg = params.load(Path(args.bundle) / "params.yaml")
-    members = fold_members(bundle, cfg["snapshots"])
+    members, matched = fold_members(bundle, cfg["snapshots"])
     meta = bundle.meta
     ds = data.load_train(args.data_dir, limit=meta.get("limit") or None)
     fold_of = data.kfold(ds, meta["n_folds"], meta["seed"])
+    checked = check_split(bundle, ds.ids, fold_of, members)
     oof = oof_logits(bundle, ds, fold_of, members, args.batch_size)
     truth, fold_col = ds.masks[oof["idx"]], oof["fold"]
     shipped = oof["flip TTA" if bundle.tta else "plain"]
@@ -88,17 +129,21 @@ def main(argv=None) -> dict:
         "card": meta.get("cv_score"),
         "nested": None,
     }
-    print(f"{bundle.describe()}; {len(truth)} held-out images of folds {list(members)} ({ds.root})")
+    print(f"{bundle.describe()}")
+    print(f"{len(truth)} held-out images of folds {list(members)} ({ds.root}); models {matched}; {checked}")
+    tuned_on = meta.get("tuned_on_folds", list(members))
     print(f"as shipped: CV {result['shipped']:.4f} (per fold "
           + ", ".join(f"{f}: {s:.4f}" for f, s in result["per_fold"].items())
-          + (f"; bundle.json records {result['card']:.4f})" if result["card"] is not None else ")"))
+          + (f"; bundle.json records {result['card']:.4f} over folds {tuned_on}, from the training-time logits)"
+             if result["card"] is not None else ")"))
     print(f"untuned (logit 0, no TTA, no size filter): {result['untuned']:.4f}")
     groups, over = evaluate.nesting_groups(fold_col, data.coverage_class(truth), meta["seed"])
+    gates = [] if args.no_gates else cfg["peak_gates"]
     candidates = {"plain": oof["plain"], "flip TTA": oof["flip TTA"]}
-    nested, chosen = evaluate.nested(truth, candidates, groups, metric.LOGIT_THRESHOLDS, cfg["min_sizes"],
-                                     cfg["peak_gates"])
+    nested, chosen = evaluate.nested(truth, candidates, groups, metric.LOGIT_THRESHOLDS, cfg["min_sizes"], gates)
     result["nested"] = float(nested.mean())
-    print(f"nested over {over} (post-processing chosen on the others): {result['nested']:.4f}")
+    print(f"nested over {over} (TTA or not, cut-off, size{', gate' if gates else ''} chosen on the others): "
+          f"{result['nested']:.4f}")
     for f, c in chosen.items():
         gate = "" if c["peak_gate"] is None else f", gate {c['peak_gate']:+.1f}"
         print(f"  group {f}: {nested[groups == f].mean():.4f} with {c['label']}, cut-off {c['threshold']:+.2f}, "

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from saltlib import data, evaluate, metric, params, train  # noqa: E402
 
-#: gates tried when the run's parameter file tried none
+#: gates tried on the second line when the run's parameter file tried none (its notebook 03 then tried
+#: none, so its ``cv_score_nested`` is the first line's figure)
 DEFAULT_GATES = [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
 
 
@@ -50,7 +51,7 @@ def main(argv=None) -> None:
     groups, over = evaluate.nesting_groups(fold_of, data.coverage_class(truth), cfg["seed"])
     print(f"{len(truth)} out-of-fold images, folds {cfg['folds']}, nested over {over}, "
           f"choosing among: {', '.join(candidates)}")
-    for label, g in (("cut-off + min size", []), ("cut-off + min size + peak gate", gates)):
+    for label, g in (("TTA or not + cut-off + min size", []), ("TTA or not + cut-off + min size + peak gate", gates)):
         scores, chosen = evaluate.nested(truth, candidates, groups, metric.LOGIT_THRESHOLDS, cfg["min_sizes"], g)
         print(f"{label}: nested CV {scores.mean():.4f}")
         for f, c in chosen.items():
