@@ -703,7 +703,7 @@ def write_runs_index(runs_dir=None) -> Path:
         rows.append((
             f"<a href='{_esc(n)}/index.html'>{_esc(n)}</a>",
             f"<span class='{_esc(r['_status'])}'>{_esc(r['_status'])}</span>",
-            _fmt_score(m.get("cv_score")),
+            _fmt_score(m.get("cv_score")), _fmt_score(m.get("cv_score_nested")),
             _esc(m.get("threshold", "")), _esc(m.get("min_size", "")), _esc(m.get("tta", "")),
             _esc(m.get("n_images", "")),
             _fmt_seconds(r.get("seconds")),
@@ -712,7 +712,7 @@ def write_runs_index(runs_dir=None) -> Path:
                  + (f" limit {p['limit']}" if p.get("limit") else "")),
             links,
         ))
-    header = ["run", "status", "CV score", "cut-off", "min size", "TTA", "images", "duration", "started",
+    header = ["run", "status", "CV score", "nested", "cut-off", "min size", "TTA", "images", "duration", "started",
               "model / schedule", "reports"]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>papermill runs</title><style>{_CSS}</style>"
             f"</head><body><h1>Runs in {_esc(runs_dir)}</h1>"
@@ -722,17 +722,19 @@ def write_runs_index(runs_dir=None) -> Path:
 
 
 def list_runs(runs_dir=None) -> list[dict]:
-    """Print a table of runs (name, status, CV score, duration) and write ``runs_dir/index.html``.
+    """Print a table of runs (name, status, CV score and its nested twin, duration) and write
+    ``runs_dir/index.html``.
 
     Returns:
         the runs' ``run.json`` contents, oldest first.
     """
     runs_dir = Path(runs_dir) if runs_dir else default_runs_dir()
     runs = read_runs(runs_dir) if runs_dir.is_dir() else []
-    rows = [("name", "status", "CV score", "duration", "started")]
+    rows = [("name", "status", "CV score", "nested", "duration", "started")]
     for r in runs:
-        score = (r.get("metrics") or {}).get("cv_score")
-        rows.append((r["name"], r["_status"], _fmt_score(score) or "-", _fmt_seconds(r.get("seconds")) or "-",
+        m = r.get("metrics") or {}
+        rows.append((r["name"], r["_status"], _fmt_score(m.get("cv_score")) or "-",
+                     _fmt_score(m.get("cv_score_nested")) or "-", _fmt_seconds(r.get("seconds")) or "-",
                      str(r.get("started") or "")[:19].replace("T", " ")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for k, row in enumerate(rows):

@@ -205,8 +205,8 @@ def test_salt_runs_lists_the_smoke_run(smoke_ok, capsys):
     out = capsys.readouterr().out
     assert [r["name"] for r in runs] == ["smoke"]
     row = next(line for line in out.splitlines() if line.startswith("smoke"))
-    score = json.loads((smoke_ok.run_dir / "metrics.json").read_text())["cv_score"]
-    assert "finished" in row and f"{score:.4f}" in row
+    metrics = json.loads((smoke_ok.run_dir / "metrics.json").read_text())
+    assert row.split()[1:4] == ["finished", f"{metrics['cv_score']:.4f}", f"{metrics['cv_score_nested']:.4f}"]
     page = (smoke_ok.runs_dir / "index.html").read_text()
     for nb in runner.NOTEBOOKS:
         assert f"smoke/{nb}.html" in page

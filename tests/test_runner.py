@@ -292,7 +292,7 @@ def _fake_run(runs, name, **info):
 
 def test_list_runs_table_and_index(tmp_path, capsys):
     runs = tmp_path / "runs"
-    _fake_run(runs, "good", metrics={"cv_score": 0.81234, "threshold": 0.2})
+    _fake_run(runs, "good", metrics={"cv_score": 0.81234, "cv_score_nested": 0.80456, "threshold": 0.2})
     _fake_run(runs, "bad", status="failed", error="02-train: boom")
     _fake_run(runs, "killed", status="running", host={"hostname": socket.gethostname(), "pid": 2 ** 22 + 12345})
     (runs / "junk").mkdir()
@@ -301,11 +301,14 @@ def test_list_runs_table_and_index(tmp_path, capsys):
     out = capsys.readouterr().out
     assert {r["name"]: r["_status"] for r in result} == {"good": "finished", "bad": "failed", "killed": "died",
                                                         "junk": "broken"}
-    assert out.splitlines()[0].split() == ["name", "status", "CV", "score", "duration", "started"]
+    assert out.splitlines()[0].split() == ["name", "status", "CV", "score", "nested", "duration", "started"]
     good = next(line for line in out.splitlines() if line.startswith("good"))
-    assert "0.8123" in good and "1:15" in good
+    assert good.split()[2:5] == ["0.8123", "0.8046", "1:15"]
+    bad = next(line for line in out.splitlines() if line.startswith("bad"))
+    assert bad.split()[2:4] == ["-", "-"]  # no metrics: no score, no nested score
     page = (runs / "index.html").read_text()
     assert "good/index.html" in page and "good/01-eda.html" in page and "0.8123" in page and "died" in page
+    assert "<th>nested</th>" in page and "0.8046" in page
 
 
 def test_list_runs_without_runs(tmp_path, capsys):
