@@ -162,6 +162,22 @@ def real_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory, real_data):
+    """The shared smoke run of the whole pipeline (:mod:`_smoke`), finished or not."""
+    import _smoke
+
+    return _smoke.get(tmp_path_factory, real_data)
+
+
+@pytest.fixture(scope="session")
+def smoke_ok(smoke):
+    """The shared smoke run; the test fails, with its output, if the run did not finish."""
+    if smoke.returncode != 0:
+        pytest.fail(smoke.describe())
+    return smoke
+
+
 def assert_seeded_epochs(a, b, c) -> None:
     """Batches of two epochs each from an input pipeline, as ``[[(x, y), ...], [...]]``: ``a`` and
     ``b`` used the same seed and must be identical, ``c`` another seed; the two epochs of ``a``

@@ -9,19 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-import _smoke
 from conftest import load_tool
 from saltlib import data, evaluate, metric, predict, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
-
-
-@pytest.fixture(scope="module")
-def smoke_ok(tmp_path_factory, real_data):
-    run = _smoke.get(tmp_path_factory, real_data)
-    if run.returncode != 0:
-        pytest.fail(run.describe())
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import numpy as np
 import papermill
 import pytest
 
-import _smoke
 from saltlib import params, rle, runner
 
 NOTEBOOK_PATHS = [runner.NOTEBOOKS_DIR / f"{nb}.ipynb" for nb in runner.NOTEBOOKS]
@@ -87,18 +86,6 @@ def test_parameter_files_are_valid(name):
 
 
 # --------------------------------------------------------------------------- the smoke run
-@pytest.fixture(scope="session")
-def smoke(tmp_path_factory, real_data):
-    return _smoke.get(tmp_path_factory, real_data)
-
-
-@pytest.fixture(scope="session")
-def smoke_ok(smoke):
-    if smoke.returncode != 0:
-        pytest.fail(smoke.describe())
-    return smoke
-
-
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_smoke_run_finishes_with_progress(smoke_ok):

@@ -19,7 +19,6 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-import _smoke
 from saltlib import runner
 
 PROBE = """
@@ -76,12 +75,9 @@ def probe(page: Path, tmp_path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory, real_data):
-    _chromium()
-    run = _smoke.get(tmp_path_factory, real_data)
-    if run.returncode != 0:
-        pytest.fail(run.describe())
-    return run
+def smoke(request):
+    _chromium()  # skip before asking for the smoke run
+    return request.getfixturevalue("smoke_ok")
 
 
 @pytest.mark.slow

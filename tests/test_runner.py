@@ -142,11 +142,6 @@ def test_notebook_run_dir_defaults_to_interactive(tmp_path, monkeypatch):
     assert (tmp_path / "mine").is_dir()
 
 
-@pytest.fixture(scope="session")
-def smoke(tmp_path_factory, real_data):
-    return _smoke.get(tmp_path_factory, real_data)
-
-
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_existing_run_is_never_overwritten(smoke, capsys):

@@ -14,18 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import _smoke
 from saltlib import predict, ship
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def smoke_ok(tmp_path_factory, real_data):
-    run = _smoke.get(tmp_path_factory, real_data)
-    if run.returncode != 0:
-        pytest.fail(run.describe())
-    return run
 
 
 def test_ship_copies_bundle_and_writes_card(smoke_ok, tmp_path):

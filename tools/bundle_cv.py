@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
           + (f"; bundle.json records {result['card']:.4f} over folds {tuned_on}, from the training-time logits)"
              if result["card"] is not None else ")"))
     print(f"untuned (logit 0, no TTA, no size filter): {result['untuned']:.4f}")
-    groups, over = evaluate.nesting_groups(fold_col, data.coverage_class(truth), meta["seed"])
+    groups, over = evaluate.nesting_groups(fold_col, ds.coverage_class[oof["idx"]], meta["seed"])
     gates = [] if args.no_gates else cfg["peak_gates"]
     candidates = {"plain": oof["plain"], "flip TTA": oof["flip TTA"]}
     nested, chosen = evaluate.nested(truth, candidates, groups, metric.LOGIT_THRESHOLDS, cfg["min_sizes"], gates)
