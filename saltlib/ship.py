@@ -208,6 +208,75 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+CHECK_BEGIN = "<!-- bundle_cv: written by `tools/bundle_cv.py --write`; rerun it to update -->"
+CHECK_END = "<!-- /bundle_cv -->"
+
+
+def check_section(result: dict) -> str:
+    """The model card's section on a re-scoring of the bundle from its own files.
+
+    Args:
+        result: what ``tools/bundle_cv.py`` returns (scores, folds, the run's date, commit, CPU,
+            seconds and command).
+    Returns:
+        Markdown, between :data:`CHECK_BEGIN` and :data:`CHECK_END`.
+    """
+    r = result
+    per_fold = ", ".join(f"fold {f}: {s:.4f}" for f, s in r["per_fold"].items())
+    gates = r.get("nested_gates")
+    lines = [
+        CHECK_BEGIN,
+        "## Checked from this folder's files",
+        "",
+        f"`{r['command']}` on {r['date']} (git {str(r.get('commit'))[:7]}"
+        + (" with uncommitted changes" if r.get("dirty") else "") + f", {r.get('cpu') or 'CPU not recorded'},"
+        f" {r['seconds']:.0f} s): the {r['n_images']} held-out images of fold(s) {r['folds']}, each through the"
+        f" stored model(s) of its fold computing in {r['compute_dtype']}, score **{r['shipped']:.4f}** with the"
+        f" post-processing below ({per_fold}) and {r['untuned']:.4f} at logit 0 without TTA or small-mask removal.",
+    ]
+    if r.get("card") is not None:
+        lines[-1] += f" The CV score above ({r['card']:.4f}) comes from the logits saved at training time."
+    lines[-1] += (
+        f" Nested over {r['nested_over']}, with flip TTA or not, the cut-off, the size"
+        + (" and the gate" if gates else "") + f" chosen on the others only: **{r['nested']:.4f}**"
+        + (f" ({r['nested_no_gates']:.4f} with no gate in the grid)" if r.get("nested_no_gates") is not None else "")
+        + f". Models {r['matched']}; {r['checked']}."
+    )
+    return "\n".join(lines + [CHECK_END]) + "\n"
+
+
+def write_check(bundle_dir, result: dict) -> Path:
+    """Record a re-scoring of a shipped bundle: ``bundle_cv.json`` and the card's section.
+
+    The section replaces an earlier one, or goes in before ``## Post-processing``.
+
+    Returns:
+        the model card's path.
+    Raises:
+        FileNotFoundError: the folder has no ``MODEL_CARD.md``.
+        ValueError: the card has a start marker without an end marker, or no ``## Post-processing``.
+    """
+    bundle_dir = Path(bundle_dir)
+    card_path = bundle_dir / "MODEL_CARD.md"
+    if not card_path.is_file():
+        raise FileNotFoundError(f"{card_path} is missing: is {bundle_dir} a shipped bundle (`salt ship`)?")
+    card, section = card_path.read_text(), check_section(result)
+    if CHECK_BEGIN in card:
+        head, _, rest = card.partition(CHECK_BEGIN)
+        if CHECK_END not in rest:
+            raise ValueError(f"{card_path}: {CHECK_BEGIN!r} without {CHECK_END!r}")
+        tail = rest.partition(CHECK_END)[2]
+        card = head + section + (tail[1:] if tail.startswith("\n") else tail)
+    elif "\n## Post-processing" in card:
+        head, _, rest = card.partition("\n## Post-processing")
+        card = head + "\n" + section + "\n## Post-processing" + rest
+    else:
+        raise ValueError(f"{card_path}: no '## Post-processing' section to put the check before")
+    io.write_json(bundle_dir / "bundle_cv.json", result)
+    io.write_text(card_path, card)
+    return card_path
+
+
 def ship(run_dir, name: str, models_dir=None, benchmark_file=None) -> Path:
     """Copy a finished run's bundle to ``models/<name>/`` and write its model card.
 

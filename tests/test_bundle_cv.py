@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import load_tool
-from saltlib import data, evaluate, metric, predict, train
+from saltlib import data, evaluate, metric, predict, ship, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
@@ -114,3 +114,19 @@ def test_models_must_match_the_folds(old_bundle, new_bundle):
     old.meta = {k: v for k, v in old.meta.items() if k != "folds"}
     with pytest.raises(ValueError, match="no meta.folds"):
         tool.fold_members(old, [])
+
+
+def test_write_records_the_result_in_the_bundle(smoke_ok, new_bundle, tmp_path):
+    """``--write``: bundle_cv.json holds the returned result and the card gains the section made from it."""
+    tool = load_tool("bundle_cv")
+    dest = shutil.copytree(new_bundle, tmp_path / "b")
+    (dest / "MODEL_CARD.md").write_text("# Model card: b\n\n## Score\n\n## Post-processing (bundle.json)\n\n- cut-off\n")
+    args = [str(dest), "--data-dir", str(smoke_ok.data_dir), "--write"]
+    result = tool.main(args)
+    recorded = json.loads((dest / "bundle_cv.json").read_text())
+    assert recorded["shipped"] == pytest.approx(result["shipped"]) and recorded["nested"] == pytest.approx(result["nested"])
+    assert recorded["command"] == "python tools/bundle_cv.py " + " ".join(args) and recorded["folds"] == [0, 1]
+    assert recorded["nested_gates"] and recorded["nested_no_gates"] is not None  # smoke.yaml's grid has gates
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert ship.check_section(recorded) in card and card.index(ship.CHECK_END) < card.index("## Post-processing")
+    predict.load_bundle(dest)  # the bundle still loads (its models' digests are unchanged)

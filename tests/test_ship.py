@@ -195,6 +195,8 @@ def test_shipped_bundles_are_complete(bundle_dir):
     card = (bundle_dir / "MODEL_CARD.md").read_text()
     assert "CV score" in card and "## Reproduce" in card
     assert (bundle_dir / "params.yaml").is_file() and (bundle_dir / "metrics.json").is_file()
+    if (bundle_dir / "bundle_cv.json").is_file():  # re-scored by tools/bundle_cv.py --write: the card says what it recorded
+        assert ship.check_section(json.loads((bundle_dir / "bundle_cv.json").read_text())) in card
     bundle = predict.load_bundle(bundle_dir)
     x = np.random.default_rng(0).random((3, 101, 101, 1)).astype(np.float32)
     masks = bundle.predict_masks(x)
@@ -206,3 +208,53 @@ def test_ship_refuses_a_name_that_is_not_a_folder_name(smoke_ok, tmp_path, name)
     with pytest.raises(ValueError, match="bundle name .* is not allowed"):
         ship.ship(smoke_ok.run_dir, name, models_dir=tmp_path / "models")
     assert not (tmp_path / "outside").exists() and not (tmp_path / "models").exists()
+
+
+CHECK = {  # the fields tools/bundle_cv.py returns and the card section uses
+    "n_images": 1360, "folds": [0, 1], "compute_dtype": "float32", "matched": "as bundle.json records them",
+    "checked": "held-out ids match bundle.json", "shipped": 0.80791, "per_fold": {0: 0.80742, 1: 0.80838},
+    "untuned": 0.79551, "card": 0.80846, "nested": 0.80471, "nested_over": "the 2 folds", "nested_gates": True,
+    "nested_no_gates": 0.80611, "seconds": 263.4, "date": "2026-11-27", "commit": "1ac910e0123", "dirty": False,
+    "cpu": "AMD EPYC 7B13, 2 cores", "command": "python tools/bundle_cv.py models/x --write",
+}
+CARD = "# Model card: x\n\n## Score\n\n- CV score 0.8085\n\n## Post-processing (bundle.json)\n\n- cut-off\n"
+
+
+def test_check_section_states_the_tools_figures():
+    text = ship.check_section(CHECK)
+    assert text.startswith(ship.CHECK_BEGIN + "\n## Checked from this folder's files\n") and text.endswith(ship.CHECK_END + "\n")
+    for part in ("`python tools/bundle_cv.py models/x --write` on 2026-11-27 (git 1ac910e, AMD EPYC 7B13, 2 cores, 263 s)",
+                 "the 1360 held-out images of fold(s) [0, 1]", "computing in float32", "score **0.8079**",
+                 "(fold 0: 0.8074, fold 1: 0.8084) and 0.7955 at logit 0",
+                 "The CV score above (0.8085) comes from the logits saved at training time",
+                 "the size and the gate chosen on the others only: **0.8047** (0.8061 with no gate in the grid)",
+                 "Models as bundle.json records them; held-out ids match bundle.json."):
+        assert part in text, part
+    bare = ship.check_section({**CHECK, "card": None, "nested_gates": False, "nested_no_gates": None, "dirty": True})
+    assert "with uncommitted changes" in bare and "training time" not in bare and "gate" not in bare
+
+
+def test_write_check_inserts_then_replaces_the_section(tmp_path):
+    (tmp_path / "MODEL_CARD.md").write_text(CARD)
+    card = ship.write_check(tmp_path, CHECK)
+    first = card.read_text()
+    head, _, tail = CARD.partition("\n## Post-processing")
+    assert first == head + "\n" + ship.check_section(CHECK) + "\n## Post-processing" + tail
+    assert json.loads((tmp_path / "bundle_cv.json").read_text())["shipped"] == CHECK["shipped"]
+    second = ship.write_check(tmp_path, {**CHECK, "shipped": 0.5}).read_text()  # a rerun: one section, new figures
+    assert second.count(ship.CHECK_BEGIN) == 1 and "score **0.5000**" in second and "0.8079" not in second
+    assert ship.write_check(tmp_path, CHECK).read_text() == first
+
+
+@pytest.mark.parametrize("card, error, message", [
+    (None, FileNotFoundError, "MODEL_CARD.md is missing"),
+    ("# Model card\n\n## Score\n", ValueError, "no '## Post-processing' section"),
+    (CARD + ship.CHECK_BEGIN + "\nold text\n", ValueError, "without"),
+])
+def test_write_check_refuses_a_card_it_cannot_place_the_section_in(tmp_path, card, error, message):
+    if card is not None:
+        (tmp_path / "MODEL_CARD.md").write_text(card)
+    with pytest.raises(error, match=message):
+        ship.write_check(tmp_path, CHECK)
+    assert not (tmp_path / "bundle_cv.json").exists()
+    assert card is None or (tmp_path / "MODEL_CARD.md").read_text() == card

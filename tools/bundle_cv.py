@@ -9,19 +9,25 @@ score without the run folder that made it. It prints three scores on those image
 - untuned: logit 0, no TTA, no size filter;
 - nested: the post-processing chosen on the other folds only (:func:`saltlib.evaluate.nested`; a
   one-fold bundle is split into five parts), over the bundle's ``params.yaml`` grid (``min_sizes``,
-  ``peak_gates``; ``--no-gates`` leaves the gates out).
+  ``peak_gates``; ``--no-gates`` leaves the gates out), and without the gates as well when the grid has them.
+
+``--write`` records the result in the bundle: ``bundle_cv.json`` and a section of ``MODEL_CARD.md``
+(replaced on each rerun), so the card's check is the tool's output, not hand-written text.
 
 Bundles written since 2026-11-27 record which models belong to which fold and a digest of the
 images each fold held out; the tool checks the recomputed split against it and refuses a mismatch.
 
 ::
 
-    python tools/bundle_cv.py models/resunet16-eh [--data-dir ../shared/data/tgs-salt]
+    python tools/bundle_cv.py models/resunet16-eh [--data-dir ../shared/data/tgs-salt] [--write]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -30,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from saltlib import data, evaluate, metric, params, predict, train  # noqa: E402
+from saltlib import data, evaluate, hardware, metric, params, predict, runner, ship, train  # noqa: E402
 
 
 def fold_members(bundle: predict.Bundle, snapshots) -> tuple[dict, str]:
@@ -107,6 +113,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--data-dir", default=None, help="the labelled data (default: as `salt run` finds it)")
     ap.add_argument("--no-gates", action="store_true", help="leave the peak gates of params.yaml out of the nested grid")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--write", action="store_true",
+                    help="record the result in the bundle: bundle_cv.json and a section of MODEL_CARD.md")
     args = ap.parse_args(argv)
     t0 = time.time()
     bundle = predict.load_bundle(args.bundle)
@@ -123,6 +131,10 @@ def main(argv=None) -> dict:
     scores = metric.image_scores(truth, pred)
     result = {
         "n_images": len(truth),
+        "folds": list(members),
+        "compute_dtype": bundle.compute_dtype,
+        "matched": matched,
+        "checked": checked,
         "shipped": float(scores.mean()),
         "per_fold": {f: float(scores[fold_col == f].mean()) for f in members},
         "untuned": metric.competition_score(truth, oof["plain"] > 0),
@@ -141,14 +153,26 @@ def main(argv=None) -> dict:
     gates = [] if args.no_gates else cfg["peak_gates"]
     candidates = {"plain": oof["plain"], "flip TTA": oof["flip TTA"]}
     nested, chosen = evaluate.nested(truth, candidates, groups, metric.LOGIT_THRESHOLDS, cfg["min_sizes"], gates)
-    result["nested"] = float(nested.mean())
+    result.update(nested=float(nested.mean()), nested_over=over, nested_gates=bool(gates), nested_no_gates=None,
+                  nested_choice={str(f): c for f, c in chosen.items()})
     print(f"nested over {over} (TTA or not, cut-off, size{', gate' if gates else ''} chosen on the others): "
           f"{result['nested']:.4f}")
     for f, c in chosen.items():
         gate = "" if c["peak_gate"] is None else f", gate {c['peak_gate']:+.1f}"
         print(f"  group {f}: {nested[groups == f].mean():.4f} with {c['label']}, cut-off {c['threshold']:+.2f}, "
               f"min size {c['min_size']}{gate}")
-    print(f"{time.time() - t0:.0f} s")
+    if gates:
+        plain, _ = evaluate.nested(truth, candidates, groups, metric.LOGIT_THRESHOLDS, cfg["min_sizes"], [])
+        result["nested_no_gates"] = float(plain.mean())
+        print(f"nested with no gate in the grid: {result['nested_no_gates']:.4f}")
+    git = runner.git_info()
+    result.update(seconds=time.time() - t0, date=datetime.date.today().isoformat(),
+                  commit=git.get("commit"), dirty=git.get("dirty"),
+                  cpu=f"{hardware.cpu_model() or platform.machine()}, {os.cpu_count()} cores",
+                  command="python tools/bundle_cv.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print(f"{result['seconds']:.0f} s")
+    if args.write:
+        print(f"wrote {ship.write_check(args.bundle, result)} and bundle_cv.json")
     return result
 
 
