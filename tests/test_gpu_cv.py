@@ -125,3 +125,53 @@ def test_train_refuses_bad_plans_before_launching(gpu_cv, tmp_path, monkeypatch,
     with pytest.raises(SystemExit, match=message):
         gpu_cv.train_jobs(args)
     assert launched == []
+
+
+def test_a_job_stopped_at_the_deadline_exports_its_last_finished_stage(gpu_cv, synthetic24, tmp_path, capsys):
+    """A worker killed in stage 3 leaves stage1/stage2 weights and no model.keras: the export saves
+    stage 2 in its inference form instead of losing the job, says so in plan.json, and unpack
+    scores it into a folder that is not a finished fold (no done.json, not named fold<k>). A job
+    killed in stage 1 exports nothing."""
+    import argparse
+
+    import keras
+
+    params_path = ROOT / "params" / "smoke.yaml"
+    _, tcfg, _ = gpu_cv._config(params_path, 7)
+    run_root, out = tmp_path / "run", tmp_path / "out"
+    finished, stopped, early = (run_root / "s7" / f"fold{k}" for k in (0, 1, 2))
+    for d in (finished, stopped, early):
+        d.mkdir(parents=True)
+        io.write_json(d / "recipe.json", {"stages": [{"loss": "bce"}, {"loss": "lovasz"}, {"loss": "lovasz"}]})
+    keras.utils.set_random_seed(3)
+    model = train.build_model(tcfg)
+    model.save_weights(stopped / "stage1.weights.h5")
+    keras.utils.set_random_seed(4)
+    model = train.build_model(tcfg)  # other weights: the export must take the last stage
+    model.save_weights(stopped / "stage2.weights.h5")
+    train.save_model(model, tcfg, finished / "model.keras")
+    plan = {"epochs": [1, 1, 1]}
+    gpu_cv.export(run_root, [(0, 7), (1, 7), (2, 7)], out, plan, params_path)
+    printed = capsys.readouterr().out
+    assert "job 1:7 stopped at the deadline: exporting stage 2 of 3" in printed
+    assert "no model for job 2:7: stopped before its first stage finished" in printed
+    assert "job 0:7" not in printed and sorted(p.name for p in out.glob("*.npz")) == ["f0s7.npz", "f1s7.npz"]
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert json.loads(tar.extractfile("plan.json").read())["partial"] == {"1:7": "stage 2 of 3"}
+    z = np.load(out / "f1s7.npz")
+    assert int(z["finished_stages"]) == 2 and int(z["planned_stages"]) == 3
+    assert int(np.load(out / "f0s7.npz")["finished_stages"]) == 3
+    rebuilt = train.build_model(tcfg, for_inference=True)
+    rebuilt.set_weights(gpu_cv._weights_in_order(z))
+    x = np.random.default_rng(0).random((2, 101, 101, 1), dtype=np.float32)
+    expected = train.predict_logits(keras.saving.load_model(stopped / "stage2.keras", compile=False), x)
+    np.testing.assert_allclose(train.predict_logits(rebuilt, x), expected, atol=0.05)  # conv kernels went float16
+    args = argparse.Namespace(params=str(params_path), weights=str(out), out=str(tmp_path / "folds"),
+                              hardware="one test GPU", data_dir=str(synthetic24.root))
+    gpu_cv.unpack(args)
+    dest = tmp_path / "folds" / "s7" / "fold1-stage2"
+    assert (dest / "model.keras").is_file() and (dest / "oof.npz").is_file() and not (dest / "done.json").exists()
+    assert not (tmp_path / "folds" / "s7" / "fold1").exists() and (tmp_path / "folds" / "s7" / "fold0" / "model.keras").is_file()
+    whole, row = json.loads((tmp_path / "folds" / "scores.json").read_text())
+    assert row["partial"] == "stage 2 of 3" and row["fold"] == 1 and 0.0 <= row["val_score_tta"] <= 1.0
+    assert "partial" not in whole and whole["fold"] == 0

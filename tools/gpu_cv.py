@@ -8,8 +8,9 @@ back small enough to copy. Three steps::
 
     # here (CPU): the training set as one compressed file
     python tools/gpu_cv.py pack --out .devdata/train.npz
-    # on the GPU machine (keras carried as a wheel): every job at once, the epochs of the file,
-    # workers still running at the deadline (--budget less --overhead seconds) are stopped
+    # on the GPU machine (keras carried as a wheel): every job at once, the epochs of the file;
+    # workers still running at the deadline (--budget less --overhead seconds) are stopped and
+    # export the last stage they finished (plan.json's "partial")
     KERAS_BACKEND=jax python tools/gpu_cv.py train --data .devdata/train.npz \\
         --params params/ship-short.yaml --jobs 2:42 3:42 4:42 --epochs 30,20,40 --budget 415 --out $OUT
     # (without --epochs: a short speed probe first, then every stage scaled down to fit --budget)
@@ -106,7 +107,7 @@ def probe(args) -> None:
 
 def _weights_in_order(z) -> list:
     """The float32 arrays of an exported ``w<i>`` npz in ``get_weights`` order (by number: w999 before w1000)."""
-    return [_float32(z[k]) for k in sorted(z.files, key=lambda k: int(k[1:]))]
+    return [_float32(z[k]) for k in sorted((k for k in z.files if k[0] == "w"), key=lambda k: int(k[1:]))]
 
 
 def _config(params_path, seed, epochs=None):
@@ -197,7 +198,7 @@ def train_jobs(args) -> None:
         plan["exit_codes"] = _launch(args, jobs, args.epochs, work / "run", deadline)
         plan["train_s"] = time.time() - t0
         print("done:", json.dumps(plan), flush=True)
-        return export(work / "run", jobs, Path(args.out), plan)
+        return export(work / "run", jobs, Path(args.out), plan, args.params)
     codes = _launch(args, jobs, f"{args.probe_epochs}", work / "probe")
     if any(codes):
         os.system(f"tail -n 40 {work / 'probe'}/*.log")
@@ -217,28 +218,63 @@ def train_jobs(args) -> None:
     print("done:", json.dumps(plan), flush=True)
     if any(codes):
         os.system(f"tail -n 30 {work / 'run'}/*.log")
-    export(work / "run", jobs, Path(args.out), plan)
+    export(work / "run", jobs, Path(args.out), plan, args.params)
 
 
-def export(run_root, jobs, out, plan) -> None:
-    """Weights as float16 conv kernels (+ float32 rest) per job, and the logs, into ``out``."""
+def _finished_model(fold_dir, params_path, seed):
+    """``(path of an inference .keras, stages finished, stages planned)`` for one job's fold folder.
+
+    A job that finished has ``model.keras``. One stopped at the deadline keeps the weights of each
+    stage it finished (``stage<i>.weights.h5``): the last of them is saved as ``stage<i>.keras``
+    (the inference form, as ``salt train`` saves), so the GPU time is not lost. ``(None, 0, n)``
+    when not even stage 1 finished.
+    """
+    from saltlib import train
+
+    fold_dir = Path(fold_dir)
+    recipe = json.loads((fold_dir / "recipe.json").read_text()) if (fold_dir / "recipe.json").exists() else {}
+    planned = len(recipe.get("stages") or []) or None
+    if (fold_dir / "model.keras").exists():
+        return fold_dir / "model.keras", planned, planned
+    done = sorted(int(p.name[len("stage"):-len(".weights.h5")]) for p in fold_dir.glob("stage*.weights.h5"))
+    if not done:
+        return None, 0, planned
+    _, tcfg, _ = _config(params_path, seed)  # the architecture (stage lengths do not matter here)
+    model = train.build_model(tcfg)
+    model.load_weights(fold_dir / f"stage{done[-1]}.weights.h5")
+    return train.save_model(model, tcfg, fold_dir / f"stage{done[-1]}.keras"), done[-1], planned
+
+
+def export(run_root, jobs, out, plan, params_path) -> None:
+    """Weights as float16 conv kernels (+ float32 rest) per job, and the logs, into ``out``.
+
+    Each ``f<fold>s<seed>.npz`` also holds ``finished_stages`` and ``planned_stages``: a job stopped
+    at the deadline exports its last finished stage (``plan.json`` lists them under ``partial``).
+    """
     import keras
 
     out.mkdir(parents=True, exist_ok=True)
+    found = {}
+    for fold, seed in jobs:
+        found[fold, seed] = _finished_model(run_root / f"s{seed}" / f"fold{fold}", params_path, seed)
+    plan["partial"] = {f"{fold}:{seed}": f"stage {k} of {n}" for (fold, seed), (path, k, n) in found.items()
+                       if path is not None and k != n}
     with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
         for p in sorted(run_root.rglob("*")):
             if p.suffix in (".csv", ".json", ".log"):
                 tar.add(p, arcname=str(p.relative_to(run_root)))
         (run_root / "plan.json").write_text(json.dumps(plan, indent=1))
         tar.add(run_root / "plan.json", arcname="plan.json")
-    for fold, seed in jobs:
-        path = run_root / f"s{seed}" / f"fold{fold}" / "model.keras"
-        if not path.exists():
-            print(f"no model for job {fold}:{seed}")
+    for (fold, seed), (path, finished, planned) in found.items():
+        if path is None:
+            print(f"no model for job {fold}:{seed}: stopped before its first stage finished")
             continue
+        if finished != planned:
+            print(f"job {fold}:{seed} stopped at the deadline: exporting stage {finished} of {planned}")
         weights = [_float32(w) for w in keras.saving.load_model(path, compile=False).get_weights()]
         arrays = {f"w{i:03d}": (w.astype(np.float16) if w.ndim == 4 else w) for i, w in enumerate(weights)}
-        np.savez_compressed(out / f"f{fold}s{seed}.npz", **arrays)
+        np.savez_compressed(out / f"f{fold}s{seed}.npz", finished_stages=np.int64(finished or 0),
+                            planned_stages=np.int64(planned or 0), **arrays)
 
 
 def _float32(w: np.ndarray) -> np.ndarray:
@@ -277,7 +313,9 @@ def _fold_records(logs, seed, fold, dest, row, hardware) -> None:
 
 def unpack(args) -> None:
     """Rebuild each job's ``.keras`` model, score it on its held-out fold (flip TTA too) and write
-    its fold folder as ``salt train`` would."""
+    its fold folder as ``salt train`` would. A job stopped at the deadline (its last finished stage)
+    goes to ``fold<k>-stage<i>`` with its scores but without the fold records, so ``salt run
+    --resume`` does not take it for a finished fold; ``scores.json`` marks it ``partial``."""
     import keras
 
     from saltlib import data, metric, train
@@ -292,7 +330,10 @@ def unpack(args) -> None:
         z = np.load(npz)
         model = train.build_model(tcfg, for_inference=True)  # the exported model.keras's layers
         model.set_weights(_weights_in_order(z))
-        dest = out / f"s{seed}" / f"fold{fold}"
+        finished, planned = (int(z[k]) if k in z.files else 0 for k in ("finished_stages", "planned_stages"))
+        partial = planned > 0 and finished < planned  # stopped at the deadline: its last finished stage
+        # not a fold folder (no done.json, another name): `salt run --resume` must not take it as finished
+        dest = out / f"s{seed}" / (f"fold{fold}-stage{finished}" if partial else f"fold{fold}")
         dest.mkdir(parents=True, exist_ok=True)
         train.save_model(model, tcfg, dest / "model.keras")
         model = keras.saving.load_model(dest / "model.keras", compile=False)  # score what is saved
@@ -304,7 +345,10 @@ def unpack(args) -> None:
         row = {"fold": fold, "seed": seed, "n_val": len(val),
                "val_score": metric.competition_score(ds.masks[val], logits > 0),
                "val_score_tta": metric.competition_score(ds.masks[val], logits_tta > 0)}
-        _fold_records(Path(args.weights) / "logs.tar.gz", seed, fold, dest, row, args.hardware)
+        if partial:
+            row["partial"] = f"stage {finished} of {planned}"
+        else:
+            _fold_records(Path(args.weights) / "logs.tar.gz", seed, fold, dest, row, args.hardware)
         rows.append(row)
         print(json.dumps(row), flush=True)
     (out / "scores.json").write_text(json.dumps(rows, indent=1))
