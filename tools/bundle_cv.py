@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--write", action="store_true",
                     help="record the result in the bundle: bundle_cv.json and a section of MODEL_CARD.md")
     args = ap.parse_args(argv)
-    t0 = time.time()
+    t0, git = time.time(), runner.git_info()  # the code as it starts
     bundle = predict.load_bundle(args.bundle)
     cfg = params.load(Path(args.bundle) / "params.yaml")
     members, matched = fold_members(bundle, cfg["snapshots"])
@@ -165,7 +165,6 @@ def main(argv=None) -> dict:
         plain, _ = evaluate.nested(truth, candidates, groups, metric.LOGIT_THRESHOLDS, cfg["min_sizes"], [])
         result["nested_no_gates"] = float(plain.mean())
         print(f"nested with no gate in the grid: {result['nested_no_gates']:.4f}")
-    git = runner.git_info()
     result.update(seconds=time.time() - t0, date=datetime.date.today().isoformat(),
                   commit=git.get("commit"), dirty=git.get("dirty"),
                   cpu=f"{hardware.cpu_model() or platform.machine()}, {os.cpu_count()} cores",
