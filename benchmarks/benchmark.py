@@ -18,8 +18,8 @@ Configurations: ``bundle`` (``--model``, default the first ``models/*/bundle.jso
 two residual blocks per level, depth 4, float32, dropout 0.5). ``--configs`` adds variants of
 the reference, e.g. ``w32`` (32 base filters), ``w16-bf16`` (mixed bfloat16), ``w32-bf16``,
 ``w16-b1`` (one residual block per level), ``w16-d3`` (depth 3), ``w16-bf16-x2`` (input enlarged
-to 202x202 inside the model, ``upscale: 2``). Padded 128x128 input is not supported by the model
-builder today and is not measured.
+to 202x202 inside the model, ``upscale: 2``), ``w16-p128`` (input zero-padded to 128x128 inside the
+model, ``pad_to: 128``).
 
 The table gives ratios against the reference and a projection of the time the bundle needs to
 predict 18,000 images with flip TTA (model time plus PNG reading time measured on real test
@@ -45,7 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROJECTION_IMAGES = 18_000
 PROJECTION_LIMIT_S = 600.0
-REFERENCE = {"base_filters": 16, "depth": 4, "blocks_per_level": 2, "dropout": 0.5, "bf16": False, "upscale": 1}
+REFERENCE = {"base_filters": 16, "depth": 4, "blocks_per_level": 2, "dropout": 0.5, "bf16": False, "upscale": 1,
+             "pad_to": 0}
+SHAPE_KEYS = ("base_filters", "depth", "blocks_per_level", "dropout", "upscale", "pad_to")
 
 
 # --------------------------------------------------------------------------- worker (one subprocess)
@@ -140,6 +142,7 @@ def _training_twin(model, bf16: bool):
     drops = [l for l in model.layers if l.name == "enc2_drop"]
     head = "image_fc" in names
     upscale = model.get_layer("downscale").pool_size[0] if "downscale" in names else 1
+    pad_to = model.get_layer("pad").output.shape[1] if "pad" in names else 0
     return build_resnet_unet(
         base_filters=model.get_layer("enc1_conv").filters,
         depth=sum(bool(re.fullmatch(r"enc\d+_pool", n)) for n in names),  # not the image head's image_pool
@@ -149,6 +152,7 @@ def _training_twin(model, bf16: bool):
         empty_head=head,
         aux_outputs=head,
         upscale=upscale,
+        pad_to=pad_to,
     )
 
 
@@ -174,13 +178,13 @@ def worker(spec: dict) -> dict:
         m = build_resnet_unet(
             base_filters=spec["base_filters"], depth=spec["depth"], blocks_per_level=spec["blocks_per_level"],
             dropout=spec["dropout"], dtype_policy="mixed_bfloat16" if spec["bf16"] else None,
-            upscale=spec["upscale"],
+            upscale=spec["upscale"], pad_to=spec["pad_to"],
         )
         models = [m]
         b = predict.Bundle(models=models, tta=True)
         res.update(
             n_models=1, dtype="mixed_bfloat16" if spec["bf16"] else "float32",
-            shape={k: spec[k] for k in ("base_filters", "depth", "blocks_per_level", "dropout", "upscale")},
+            shape={k: spec[k] for k in SHAPE_KEYS},
         )
     res["params_per_model"] = int(models[0].count_params())
     res["gflop_per_image"] = sum(_forward_flops(m) for m in models) / 1e9  # the whole ensemble, no TTA
@@ -234,13 +238,11 @@ def default_bundle() -> Path | None:
 
 
 def parse_variant(text: str) -> dict:
-    """``w<filters>[-bf16][-b<blocks>][-d<depth>][-drop<rate>][-x<upscale>]`` -> a reference-like model spec."""
-    m = re.fullmatch(r"w(\d+)((?:-bf16|-fp32|-b\d+|-d\d+|-drop[0-9.]+|-x\d)*)", text.strip())
+    """``w<filters>[-bf16][-b<blocks>][-d<depth>][-drop<rate>][-x<upscale>][-p<pad_to>]`` -> a reference-like model spec."""
+    m = re.fullmatch(r"w(\d+)((?:-bf16|-fp32|-b\d+|-d\d+|-drop[0-9.]+|-x\d|-p\d+)*)", text.strip())
     if not m:
-        if "128" in text or "pad" in text:
-            raise SystemExit(f"--configs {text!r}: padded 128x128 input is not supported by saltlib.model today")
-        raise SystemExit(f"--configs {text!r}: expected w<filters>[-bf16][-b<blocks>][-d<depth>][-drop<rate>][-x<upscale>],"
-                         " e.g. w32-bf16 or w16-bf16-x2")
+        raise SystemExit(f"--configs {text!r}: expected w<filters>[-bf16][-b<blocks>][-d<depth>][-drop<rate>][-x<upscale>]"
+                         "[-p<pad_to>], e.g. w32-bf16, w16-bf16-x2 or w16-p128")
     spec = dict(REFERENCE, base_filters=int(m.group(1)), name=text.strip())
     for part in filter(None, m.group(2).split("-")):
         if part == "bf16":
@@ -251,10 +253,15 @@ def parse_variant(text: str) -> dict:
             spec["dropout"] = float(part[4:])
         elif part.startswith("x"):
             spec["upscale"] = int(part[1:])
+        elif part.startswith("p"):
+            spec["pad_to"] = int(part[1:])
         elif part.startswith("b"):
             spec["blocks_per_level"] = int(part[1:])
         elif part.startswith("d"):
             spec["depth"] = int(part[1:])
+    if spec["pad_to"] and spec["pad_to"] < 101 * spec["upscale"]:
+        raise SystemExit(f"--configs {text!r}: pad_to {spec['pad_to']} is smaller than the input "
+                         f"({101 * spec['upscale']}x{101 * spec['upscale']})")
     return spec
 
 

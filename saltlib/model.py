@@ -13,6 +13,9 @@ With ``upscale`` k > 1 the network works on the image enlarged k times (bilinear
 e.g. 101 -> 202 as several top TGS solutions did, for small salt bodies) and average-pools its
 logits back over k x k blocks, so the model still maps 101x101 images to 101x101 logits and
 everything around it (data, losses, bundles, ``salt predict``) is unchanged.
+
+With ``pad_to`` (e.g. 128, as many TGS solutions padded 101 -> 128) the network works on the image
+zero-padded to that size, every halving then even, and crops its logits back to 101x101.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def build_resnet_unet(
     empty_head: bool = False,
     aux_outputs: bool = False,
     upscale: int = 1,
+    pad_to: int = 0,
     name: str = "resnet_unet",
 ) -> keras.Model:
     """Build the ResNet-U-Net.
@@ -95,6 +99,10 @@ def build_resnet_unet(
         upscale: integer factor k: a bilinear ``upscale`` layer enlarges the input to
             ``(k*H, k*W)``, the U-Net (and its head) run at that size, and a ``downscale`` layer
             averages the output over k x k blocks back to ``(H, W)``. 1: no resizing layers.
+        pad_to: 0 (no padding) or a size at least ``(k*H, k*W)``: a ``pad`` layer adds zeros around
+            the (enlarged) image, split evenly with the extra row/column at the bottom/right (101 ->
+            128: 13 above, 14 below), the U-Net (and its head) run at ``pad_to x pad_to``, and a
+            ``crop`` layer cuts the logits back before any ``downscale``.
         name: model name.
     Returns:
         a ``keras.Model`` mapping ``(B, H, W, C)`` images in [0, 1] to ``(B, H, W, 1)`` float32
@@ -110,9 +118,16 @@ def build_resnet_unet(
     dt = dtype_policy
     inputs = keras.Input(shape=input_shape, name="image")
     h, w = input_shape[0] * upscale, input_shape[1] * upscale
+    if pad_to and pad_to < max(h, w):
+        raise ValueError(f"pad_to={pad_to} is smaller than the {'enlarged ' if upscale > 1 else ''}input ({h}x{w})")
+    crop = ((((pad_to - h) // 2, pad_to - h - (pad_to - h) // 2), ((pad_to - w) // 2, pad_to - w - (pad_to - w) // 2))
+            if pad_to else None)
     x = inputs
     if upscale > 1:
         x = layers.Resizing(h, w, interpolation="bilinear", name="upscale")(x)
+    if crop:
+        x = layers.ZeroPadding2D(crop, name="pad")(x)
+        h = w = pad_to
     skips = []
     for i in range(depth):
         x = _level(x, base_filters * 2**i, blocks_per_level, f"enc{i + 1}", dt)
@@ -136,7 +151,7 @@ def build_resnet_unet(
         x = _level(x, f, blocks_per_level, f"dec{i + 1}", dt)
     if not empty_head:
         outputs = layers.Conv2D(1, 1, name="logits", dtype="float32")(x)
-        return keras.Model(inputs, _downscale(outputs, upscale), name=name)
+        return keras.Model(inputs, _downscale(_crop(outputs, crop), upscale), name=name)
     image = layers.GlobalAveragePooling2D(name="image_pool", dtype=dt)(bottleneck)
     image = layers.Dense(IMAGE_FEATURES, activation="relu", name="image_fc", dtype=dt)(image)
     image_logit = layers.Dense(1, name="image_logit", dtype="float32")(image)
@@ -145,12 +160,17 @@ def build_resnet_unet(
     fused = layers.Concatenate(name="fuse_concat", dtype=dt)([x, spread])
     logits = layers.Conv2D(1, 1, name="logits", dtype="float32")(fused)
     if not aux_outputs:
-        return keras.Model(inputs, _downscale(logits, upscale), name=name)
+        return keras.Model(inputs, _downscale(_crop(logits, crop), upscale), name=name)
     seg_logits = layers.Conv2D(1, 1, name="seg_logits", dtype="float32")(x)
     image_map = layers.Reshape((1, 1, 1), name="image_logit_reshape", dtype="float32")(image_logit)
     image_map = layers.UpSampling2D((h, w), name="image_logit_spread", dtype="float32")(image_map)
     outputs = layers.Concatenate(name="heads", dtype="float32")([logits, seg_logits, image_map])
-    return keras.Model(inputs, _downscale(outputs, upscale), name=name)
+    return keras.Model(inputs, _downscale(_crop(outputs, crop), upscale), name=name)
+
+
+def _crop(x, crop):
+    """Cut the ``pad`` layer's border off the logits (``crop`` None: no padding, ``x`` as it is)."""
+    return x if crop is None else layers.Cropping2D(crop, name="crop", dtype="float32")(x)
 
 
 def _downscale(x, upscale: int):

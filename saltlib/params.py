@@ -150,6 +150,8 @@ SPEC: dict[str, Param] = {
     "empty_head": Param(bool, False, "image-level salt/no-salt head fused into the output, with deep supervision"),
     "upscale": Param(int, 1, "enlarge the 101x101 input k times inside the model (bilinear; 2: 202x202) and "
                      "average the logits back (1 = native size)", _range(1, 4)),
+    "pad_to": Param(int, 0, "zero-pad the (enlarged) input to this size inside the model and crop the logits back "
+                    "(0 = no padding; 128: 101->128, every halving even)", _range(0, 1024)),
     "mixed_precision": Param((bool, str), "auto", "bfloat16 compute with float32 weights: true, false, or auto (bfloat16 "
                              "where the CPU has AVX512-BF16/AMX or the GPU is Ampere or newer; elsewhere it is emulated "
                              "and slower than float32)", _bool_or_auto),
@@ -202,7 +204,7 @@ def check(values: dict, source: str = "parameters", base: dict | None = None) ->
         source: where they came from, for messages (a file name or ``--set``).
         base: the values these complete or override (default: the defaults); the checks that tie
             keys together (``folds`` < ``n_folds``, ``bundle_folds`` within ``folds``, ``snapshots``
-            earlier than the last of ``stages``) run on ``base`` updated with ``values``.
+            earlier than the last of ``stages``, ``pad_to`` at least the input) run on ``base`` updated with ``values``.
     Returns:
         ``values`` with ints given for float parameters turned into floats.
     Raises:
@@ -247,6 +249,11 @@ def _check_together(merged: dict, given: set, source: str) -> None:
             raise ParamError(
                 f"{source}: parameter 'bundle_folds' has fold {bad[0]}, which is not in 'folds' {merged['folds']}"
             )
+    if given & {"pad_to", "upscale"} and merged["pad_to"] and merged["pad_to"] < 101 * merged["upscale"]:
+        raise ParamError(
+            f"{source}: parameter 'pad_to' is {merged['pad_to']}, smaller than the model's input "
+            f"(101 x upscale {merged['upscale']} = {101 * merged['upscale']}); use 0 for no padding"
+        )
     if given & {"snapshots", "stages"}:
         n = len(merged["stages"])
         bad = [k for k in merged["snapshots"] if not 1 <= k < n]

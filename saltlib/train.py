@@ -34,7 +34,7 @@ from . import io, metric, params
 
 TRAIN_KEYS = (
     "seed", "n_folds", "base_filters", "depth", "blocks_per_level", "dropout", "empty_head", "upscale",
-    "mixed_precision", "batch_size", "stages", "snapshots", "min_lr", "flip", "zoom", "p_zoom", "brightness",
+    "pad_to", "mixed_precision", "batch_size", "stages", "snapshots", "min_lr", "flip", "zoom", "p_zoom", "brightness",
     "val_every", "strategy",
 )
 #: training configuration defaults, taken from the parameter specification
@@ -128,7 +128,7 @@ def build_model(cfg: dict, for_inference: bool = False):
 
     Args:
         cfg: training configuration (``base_filters``, ``depth``, ``blocks_per_level``,
-            ``dropout``, ``empty_head``, ``upscale``, ``mixed_precision``; missing keys take :data:`DEFAULTS`).
+            ``dropout``, ``empty_head``, ``upscale``, ``pad_to``, ``mixed_precision``; missing keys take :data:`DEFAULTS`).
             ``mixed_precision: "auto"`` is resolved by :func:`use_bfloat16`.
         for_inference: the model that is saved and shipped. With bfloat16 compute it keeps
             the weights themselves in bfloat16 (``"bfloat16"`` policy): half the file size, and on
@@ -151,6 +151,7 @@ def build_model(cfg: dict, for_inference: bool = False):
         empty_head=cfg["empty_head"],
         aux_outputs=cfg["empty_head"] and not for_inference,
         upscale=cfg["upscale"],
+        pad_to=cfg["pad_to"],
     )
 
 

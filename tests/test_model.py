@@ -186,3 +186,51 @@ def test_upscale_one_adds_no_layers_and_zero_is_rejected():
     assert not {"upscale", "downscale"} & names
     with pytest.raises(ValueError, match="upscale=0"):
         build_resnet_unet(base_filters=2, depth=2, upscale=0)
+
+
+# --------------------------------------------------------------------------- pad_to
+@pytest.mark.parametrize("pad_to,upscale,empty_head,border", [
+    (128, 1, False, ((13, 14), (13, 14))),
+    (128, 1, True, ((13, 14), (13, 14))),
+    (102, 1, False, ((0, 1), (0, 1))),
+    (208, 2, False, ((3, 3), (3, 3))),
+])
+def test_pad_to_runs_the_unet_on_the_padded_image_and_crops_back(pad_to, upscale, empty_head, border, tmp_path):
+    """101x101 in and out; inside, zeros around the (enlarged) image, every level at the padded
+    size (128: 128 -> 64 -> 32 -> 16, halvings all even), and the output is the centre of the
+    full-size logits, cut where the image was (checked by slicing)."""
+    model = build_resnet_unet(base_filters=2, depth=3, blocks_per_level=1, dropout=0.0, empty_head=empty_head,
+                              upscale=upscale, pad_to=pad_to)
+    assert model.get_layer("pad").padding == border
+    assert model.get_layer("enc1_conv").output.shape[1:3] == (pad_to, pad_to)
+    assert [model.get_layer(f"enc{i}_pool").output.shape[1] for i in (1, 2, 3)] == [pad_to // 2, pad_to // 4, pad_to // 8]
+    x = images(2)
+    padded = np.asarray(keras.Model(model.input, model.get_layer("pad").output)(x))
+    (top, bottom), (left, right) = border
+    size = 101 * upscale
+    assert padded.shape == (2, pad_to, pad_to, 1) and top + size + bottom == pad_to
+    inner = padded[:, top:top + size, left:left + size]
+    assert padded.sum() == pytest.approx(inner.sum(), rel=1e-6)  # zeros outside the image
+    full = np.asarray(keras.Model(model.input, model.get_layer("logits").output)(x))
+    centre = full[:, top:top + size, left:left + size]
+    if upscale > 1:
+        centre = centre.reshape(2, 101, upscale, 101, upscale, 1).mean(axis=(2, 4))
+    out = np.asarray(model(x))
+    assert out.shape == (2, 101, 101, 1)
+    np.testing.assert_allclose(out, centre, rtol=1e-5, atol=1e-5)
+    if empty_head:
+        train_form = build_resnet_unet(base_filters=2, depth=3, blocks_per_level=1, empty_head=True,
+                                       aux_outputs=True, pad_to=pad_to)
+        assert train_form.output_shape == (None, 101, 101, 3)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    np.testing.assert_allclose(np.asarray(keras.saving.load_model(path)(x)), out, rtol=1e-5, atol=1e-5)
+
+
+def test_pad_to_zero_adds_no_layers_and_a_small_size_is_rejected():
+    names = {layer.name for layer in build_resnet_unet(base_filters=2, depth=2).layers}
+    assert not {"pad", "crop"} & names
+    with pytest.raises(ValueError, match=r"pad_to=100 is smaller than the input \(101x101\)"):
+        build_resnet_unet(base_filters=2, depth=2, pad_to=100)
+    with pytest.raises(ValueError, match=r"pad_to=128 is smaller than the enlarged input \(202x202\)"):
+        build_resnet_unet(base_filters=2, depth=2, upscale=2, pad_to=128)

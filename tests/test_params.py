@@ -401,3 +401,15 @@ def test_snapshots_must_be_earlier_stages(tmp_path):
     # a --set that shortens the stages under the file's snapshots is blamed on that --set
     with pytest.raises(ParamError, match=r"--set stages=.*'snapshots' has stage 1, but 'stages' has one stage, so none is"):
         params.load(write(tmp_path, two + "snapshots: [1]\n"), ["stages=[{loss: bce, epochs: 1, lr: 0.1}]"])
+
+
+def test_pad_to_must_hold_the_input(tmp_path):
+    assert params.load(write(tmp_path, "pad_to: 128\n"))["pad_to"] == 128
+    assert params.load(write(tmp_path, "pad_to: 0\nupscale: 2\n"))["pad_to"] == 0
+    with pytest.raises(ParamError, match=r"p.yaml: parameter 'pad_to' is 100, smaller than the model's input \(101 x upscale 1 = 101\)"):
+        params.load(write(tmp_path, "pad_to: 100\n"))
+    # an upscale given later that outgrows the file's padding is blamed on the --set
+    with pytest.raises(ParamError, match=r"--set upscale=2: parameter 'pad_to' is 128, smaller than .* = 202\)"):
+        params.load(write(tmp_path, "pad_to: 128\n"), ["upscale=2"])
+    with pytest.raises(ParamError, match=r"parameter 'pad_to' must be >= 0"):
+        params.load(None, ["pad_to=-1"])

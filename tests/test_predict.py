@@ -571,8 +571,8 @@ def _benchmark_module():
     return bench
 
 
-@pytest.mark.parametrize("empty_head,upscale", [(False, 1), (True, 1), (True, 2)])
-def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head, upscale):
+@pytest.mark.parametrize("empty_head,upscale,pad_to", [(False, 1, 0), (True, 1, 0), (True, 2, 0), (True, 1, 128)])
+def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head, upscale, pad_to):
     """A bundle model is timed through a twin of the same shape (mixed bfloat16 where the machine has
     it natively, else float32: what ``mixed_precision: auto`` trains); a model with
     the image head gets the head's three-output training form (and its loss), like `salt train`."""
@@ -580,11 +580,11 @@ def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head, upscal
 
     bench = _benchmark_module()
     stored = build_resnet_unet(base_filters=2, depth=2, blocks_per_level=1, dropout=0.1, empty_head=empty_head,
-                               dtype_policy="bfloat16", upscale=upscale)
+                               dtype_policy="bfloat16", upscale=upscale, pad_to=pad_to)
     twin = bench._training_twin(stored, bf16=True)
     assert twin.get_layer("enc1_conv").dtype_policy.name == "mixed_bfloat16"
     assert bench._training_twin(stored, bf16=False).get_layer("enc1_conv").dtype_policy.name == "float32"
-    assert twin.get_layer("enc1_conv").output.shape[1] == 101 * upscale
+    assert twin.get_layer("enc1_conv").output.shape[1] == (pad_to or 101 * upscale)
     assert twin.output_shape == (None, 101, 101, 3 if empty_head else 1)
     assert ("image_fc" in {l.name for l in twin.layers}) == empty_head
     assert twin.get_layer("enc1_conv").filters == 2 and twin.get_layer("enc2_drop").rate == 0.1
@@ -624,6 +624,8 @@ def test_benchmark_projection_ceiling():
     ("w32", {"base_filters": 32, "bf16": False}),
     ("w16-bf16-x2", {"base_filters": 16, "bf16": True, "upscale": 2}),
     ("w16-b1-d3-drop0.1", {"blocks_per_level": 1, "depth": 3, "dropout": 0.1}),
+    ("w16-p128", {"pad_to": 128, "upscale": 1}),
+    ("w16-x2-p208", {"pad_to": 208, "upscale": 2}),
 ])
 def test_benchmark_variants(text, expected):
     bench = _benchmark_module()
@@ -631,3 +633,5 @@ def test_benchmark_variants(text, expected):
     assert {k: got[k] for k in expected} == expected and got["name"] == text
     with pytest.raises(SystemExit, match="expected w<filters>"):
         bench.parse_variant(text + "-q")
+    with pytest.raises(SystemExit, match="pad_to 128 is smaller than the input"):
+        bench.parse_variant(text.split("-p")[0] + "-x2-p128")
