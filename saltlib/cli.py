@@ -25,7 +25,10 @@ def _cmd_train(args) -> int:
         if not all(f.strip().isascii() and f.strip().isdigit() for f in args.folds.split(",")):
             raise params.ParamError(f"--folds {args.folds!r}: expected fold numbers separated by commas, e.g. 0,1")
         overrides += ["bundle_folds=[]", f"folds=[{args.folds}]"]
-    cfg = params.load(args.params, overrides=overrides)
+    try:
+        cfg = params.load(args.params, overrides=overrides)
+    except params.ParamError as e:  # name the option the user typed, not the override it became
+        raise params.ParamError(str(e).replace(f"--set folds=[{args.folds}]", f"--folds {args.folds}")) from None
     ds = data.load_train(cfg.get("data_dir") or None, limit=cfg.get("limit") or None)
     folds = data.kfold(ds, cfg["n_folds"], cfg["seed"])
     tcfg = {k: cfg[k] for k in train.DEFAULTS if k in cfg}
@@ -71,9 +74,10 @@ def _cmd_data(args) -> int:
     root = data.download_kaggle(args.dest) if args.kaggle else data.find_data_dir(args.dest)
     print(f"data folder: {root}")
     ds = data.load_train(root)  # checks every image, mask and RLE; raises DataError naming a bad one
-    n_test = len(data.list_pngs(root / "test" / "images")) if (root / "test" / "images").is_dir() else 0
+    test = root / "test" / "images"
+    n_test = data.check_pngs(test) if test.is_dir() else 0  # each read: corrupt or wrong-size ones named
     print(f"checked {len(ds)} training images, masks and RLEs ({(ds.coverage == 0).mean():.1%} empty); "
-          f"{n_test} test images")
+          + (f"{n_test} test images" if test.is_dir() else f"no test images ({test} is not a folder)"))
     return 0
 
 

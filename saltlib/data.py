@@ -12,7 +12,9 @@ Layout::
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,14 +72,17 @@ def download_kaggle(dest=None) -> Path:
     ``~/.kaggle/kaggle.json`` (or ``KAGGLE_USERNAME``/``KAGGLE_KEY``).
     """
     dest = Path(dest or PROJECT_ROOT / "data")
+    # the one beside this Python first (.venv/bin/kaggle, where `.venv/bin/pip install kaggle` puts it,
+    # is not on PATH unless the venv is activated), else PATH's
+    beside = Path(sys.executable).parent / "kaggle"
+    kaggle = str(beside) if beside.is_file() else shutil.which("kaggle")
+    if kaggle is None:
+        raise DataError(f"the `kaggle` command is not installed: {Path(sys.executable).parent / 'pip'} install kaggle")
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        subprocess.run(
-            ["kaggle", "competitions", "download", "-c", KAGGLE_COMPETITION, "-p", str(dest)],
-            check=True,
-        )
+        subprocess.run([kaggle, "competitions", "download", "-c", KAGGLE_COMPETITION, "-p", str(dest)], check=True)
     except FileNotFoundError as e:
-        raise DataError("the `kaggle` command is not installed: pip install kaggle") from e
+        raise DataError(f"cannot run {kaggle}: {e}") from e
     except subprocess.CalledProcessError as e:
         raise DataError(f"kaggle download failed (exit {e.returncode}); are credentials set?") from e
     extract_kaggle_zips(dest)
@@ -170,6 +175,25 @@ def list_pngs(folder) -> list[str]:
         raise DataError(f"{folder}: {len(odd)} file(s) end in another case of .png, e.g. {odd[0]}; "
                         "rename them to .png (ids are read as <id>.png)")
     return sorted(p.stem for p in folder.glob("*.png"))
+
+
+def check_pngs(folder, limit: int | None = None) -> int:
+    """Read every PNG image in ``folder`` (the first ``limit`` by id), one at a time, and keep none:
+    a check before hours of work that ends in predicting them.
+
+    Returns:
+        the number of images checked.
+    Raises:
+        DataError: the folder is missing or holds no PNG, or an image is corrupt or not 101x101
+            (naming it).
+    """
+    ids = list_pngs(folder)
+    if not ids:
+        raise DataError(f"no PNG files in {folder}")
+    ids = ids[:limit] if limit else ids
+    for i in ids:
+        read_png(Path(folder) / f"{i}.png")
+    return len(ids)
 
 
 # --------------------------------------------------------------------------- the data set

@@ -92,10 +92,13 @@ def _number_list(v):
     return None
 
 
-def _int_list(lo=None, hi=None, nonempty=False):
+def _int_list(lo=None, hi=None, nonempty=False, unique=False):
     def check(v):
         if nonempty and not v:
             return "must list at least one value"
+        if unique and len(set(map(repr, v))) < len(v):
+            dup = next(x for i, x in enumerate(v) if x in v[:i])
+            return f"lists {dup!r} more than once"
         for x in v:
             if not isinstance(x, int) or isinstance(x, bool):
                 return f"items must be integers, got {x!r}"
@@ -139,9 +142,9 @@ SPEC: dict[str, Param] = {
     "seed": Param(int, 42, "seed for folds, weights, shuffling and augmentation", _range(0)),
     # cross-validation
     "n_folds": Param(int, 5, "number of stratified folds", _range(2, 20)),
-    "folds": Param(list, [0], "folds to train (each held out once)", _int_list(0, 19)),
+    "folds": Param(list, [0], "folds to train (each held out once)", _int_list(0, 19, unique=True)),
     "bundle_folds": Param(list, [], "folds whose models go into the bundle ([] = every fold in 'folds'); "
-                          "post-processing is tuned on all folds' held-out images either way", _int_list(0, 19)),
+                          "post-processing is tuned on all folds' held-out images either way", _int_list(0, 19, unique=True)),
     # model
     "base_filters": Param(int, 16, "channels of the first U-Net level", _range(1, 256)),
     "depth": Param(int, 4, "down-sampling levels (4: 101->50->25->12->6)", _range(1, 5)),
@@ -193,6 +196,8 @@ def _type_ok(value, kind) -> bool:
 
 
 def _type_name(kind) -> str:
+    if kind is float:
+        return "a finite float"  # NaN and infinities are floats, but no parameter takes them
     return " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
 
 

@@ -98,7 +98,7 @@ def postprocess(logits, threshold: float = 0.0, min_size: int = 0, peak_gate: fl
         bad = np.flatnonzero(~np.isfinite(a).all(axis=(1, 2)))
         if len(bad):
             raise NonFiniteLogitsError(bad)
-    masks = a > threshold
+    masks = a > np.float64(threshold)  # in float64, as metric.sweep_thresholds compares (a logit equal to 0.1f)
     if peak_gate is not None:
         peak = a.reshape(len(a), -1).max(axis=1) if a.size else np.zeros(len(a))
         masks[peak <= peak_gate] = False
@@ -526,9 +526,15 @@ def _check_writable(out_csv: Path) -> None:
     """Fail before any work if ``out_csv`` cannot be written (a folder, or no write permission)."""
     if out_csv.is_dir():
         raise DataError(f"output {out_csv} is a folder; give a CSV file path")
+    # the folders it needs are made when the CSV is written, so a run that fails leaves none behind:
+    # here the nearest existing one must take new files
+    base = out_csv.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise DataError(f"cannot write the output {out_csv}: {base} is not a folder")
     try:
-        out_csv.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=f".{out_csv.name}.", suffix=".check", dir=out_csv.parent):
+        with tempfile.NamedTemporaryFile(prefix=f".{out_csv.name}.", suffix=".check", dir=base):
             pass
     except OSError as e:
         raise DataError(f"cannot write the output {out_csv}: {e}") from None

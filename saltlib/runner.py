@@ -462,6 +462,8 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
     if not cfg["test_dir"] and not (data_root / "test" / "images").is_dir():
         raise data.DataError(f"no test images: {data_root / 'test' / 'images'} is not a folder (notebook 04 "
                              "predicts them); set test_dir to a folder of test PNGs")
+    # and each of them must read: a corrupt or wrong-size image would fail notebook 04 after the training
+    data.check_pngs(cfg["test_dir"] or data_root / "test" / "images", cfg["test_limit"] or None)
     if kernel_name == KERNEL_NAME:
         ensure_kernel()
 
@@ -586,7 +588,8 @@ def _prepare_resume(run_dir: Path, cfg: dict) -> list:
         raise FileExistsError(f"run {run_dir.name} finished; there is nothing to resume (pick a new --name)")
     if status == "running":
         raise FileExistsError(f"run {run_dir.name} is still running (pid {old.get('host', {}).get('pid')})")
-    before = old.get("params") or {}
+    # a parameter added since the run was made counts as its default (the behaviour of that time)
+    before = {**{k: v for k, v in params.defaults().items() if k in cfg}, **(old.get("params") or {})}
     differ = sorted(k for k in set(before) | set(cfg) if before.get(k) != cfg.get(k) and k not in RESUME_MAY_CHANGE)
     if differ:
         raise params.ParamError(
@@ -668,6 +671,12 @@ def read_runs(runs_dir=None) -> list[dict]:
             for key, kind in (("notebooks", list), ("params", dict), ("metrics", dict), ("host", dict)):
                 if info.get(key) is not None and not isinstance(info[key], kind):
                     raise ValueError(f"{key!r} is a {type(info[key]).__name__}, not a {kind.__name__}")
+            # the numbers the listings print
+            shown = [("seconds", info.get("seconds"))] + [
+                (k, (info.get("metrics") or {}).get(k)) for k in ("cv_score", "cv_score_nested")]
+            for key, value in shown:
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise ValueError(f"{key!r} is {value!r}, not a number")
         except (OSError, ValueError) as e:
             info = {"status": "broken", "error": str(e)}
         info["name"] = p.parent.name  # the folder: links and listings must follow a renamed run

@@ -9,6 +9,9 @@ hardware, and the commands that reproduce it. A finished run is required.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from . import io, predict, train
@@ -16,10 +19,14 @@ from . import io, predict, train
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _read_json(path: Path) -> dict:
+def _read_text(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: is this a finished run folder?")
-    return json.loads(path.read_text())
+    return path.read_text()
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(_read_text(path))
 
 
 def _describe(diff: dict) -> str:
@@ -194,7 +201,7 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         f"make setup",
         *_train_commands(name, [r["fold"] for r in fold_rows], fold_diff),
         f".venv/bin/salt run models/{name}/params.yaml --name {name} --resume               # notebooks 01-04",
-        f".venv/bin/salt ship papermill_runs/{name} --name {name}",
+        f".venv/bin/salt ship papermill_runs/{name} --name {name}-repro   # models/{name} is never overwritten",
         "```",
         "",
         "## Use",
@@ -298,12 +305,25 @@ def ship(run_dir, name: str, models_dir=None, benchmark_file=None) -> Path:
     spec = predict.read_bundle_spec(run_dir / "bundle")
     benchmark = Path(benchmark_file).read_text() if benchmark_file else None
     card = model_card(run_dir, name, benchmark)
+    copied = {f: _read_text(run_dir / f) for f in ("params.yaml", "metrics.json", "run.json")}  # run.json: provenance
     models = [run_dir / "bundle" / m for m in spec["models"]]
     meta = {**(spec.get("meta") or {}), "name": name, "source_run": run_dir.name}
-    predict.write_bundle(dest, models, spec["threshold"], spec["min_size"], spec["tta"], meta=meta,
-                         peak_gate=spec["peak_gate"])
-    io.write_text(dest / "params.yaml", (run_dir / "params.yaml").read_text())
-    io.write_text(dest / "metrics.json", (run_dir / "metrics.json").read_text())
-    io.write_text(dest / "run.json", (run_dir / "run.json").read_text())  # provenance: data, code, host
-    io.write_text(dest / "MODEL_CARD.md", card)
+    # built in a hidden sibling folder and renamed at the end: a failure leaves no half bundle behind
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    try:
+        predict.write_bundle(tmp, models, spec["threshold"], spec["min_size"], spec["tta"], meta=meta,
+                             peak_gate=spec["peak_gate"])
+        for f, text in copied.items():
+            io.write_text(tmp / f, text)
+        io.write_text(tmp / "MODEL_CARD.md", card)
+        if dest.exists():  # shipped meanwhile by another process
+            raise FileExistsError(f"{dest} exists; shipped bundles are not overwritten (pick another --name)")
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return dest

@@ -22,6 +22,27 @@ def test_salt_data_names_a_corrupt_png(synthetic, capsys):
     assert err.startswith("salt data: error: ") and str(bad) in err and "corrupt" in err
 
 
+def test_salt_data_reads_every_test_image(synthetic, tmp_path, capsys):
+    """A corrupt or wrong-size test PNG would fail notebook 04 after the training: named here."""
+    import shutil
+
+    from PIL import Image
+
+    root = shutil.copytree(synthetic.root, tmp_path / "d")
+    bad = root / "test" / "images" / f"{synthetic.test_ids[1]}.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    assert cli.main(["data", "--dest", str(root)]) == 2
+    assert str(bad) in capsys.readouterr().err
+    shutil.copy(synthetic.root / "test" / "images" / bad.name, bad)
+    Image.new("L", (64, 64)).save(root / "test" / "images" / "small.png")
+    assert cli.main(["data", "--dest", str(root)]) == 2
+    assert "small.png is 64x64, expected 101x101" in capsys.readouterr().err
+    (root / "test" / "images" / "small.png").unlink()
+    shutil.rmtree(root / "test")
+    assert cli.main(["data", "--dest", str(root)]) == 0
+    assert f"no test images ({root / 'test' / 'images'} is not a folder)" in capsys.readouterr().out
+
+
 def test_salt_data_without_data_says_how_to_get_it(tmp_path, capsys):
     assert cli.main(["data", "--dest", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
@@ -34,7 +55,7 @@ def test_salt_train_checks_folds_like_a_parameter(tmp_path, capsys):
 
     smoke = str(PROJECT_ROOT / "params" / "smoke.yaml")  # n_folds: 3
     assert cli.main(["train", smoke, "--out", str(tmp_path / "m"), "--folds", "7"]) == 2
-    assert "salt train: error: --set folds=[7]: parameter 'folds' has fold 7 but n_folds is 3" in capsys.readouterr().err
+    assert "salt train: error: --folds 7: parameter 'folds' has fold 7 but n_folds is 3" in capsys.readouterr().err
     assert cli.main(["train", smoke, "--out", str(tmp_path / "m"), "--folds", "0,x"]) == 2
     assert "salt train: error: --folds '0,x': expected fold numbers" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()

@@ -582,3 +582,26 @@ def test_kaggle_bundle_unpacks_the_zips_inside_it(tmp_path):
     assert (tmp_path / "train" / "images" / "a.png").read_bytes() == b"x"
     assert (tmp_path / "train" / "masks" / "a.png").is_file() and (tmp_path / "test" / "images" / "t.png").is_file()
     assert (tmp_path / "train.csv").is_file() and (tmp_path / "depths.csv").is_file()
+
+
+def test_kaggle_download_uses_the_kaggle_beside_this_python(tmp_path, monkeypatch):
+    """``.venv/bin/pip install kaggle`` puts the command in .venv/bin, which is not on PATH unless the
+    venv is activated: it is found there (a fake one here), and its absence is named before any folder
+    is made."""
+    import subprocess
+    import sys
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(data.DataError, match=rf"the `kaggle` command is not installed: {bindir / 'pip'} install kaggle"):
+        data.download_kaggle(tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+    (bindir / "kaggle").write_text("#!/bin/sh\nexit 3\n")
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append(cmd) or
+                        (_ for _ in ()).throw(subprocess.CalledProcessError(3, cmd)))
+    with pytest.raises(data.DataError, match="kaggle download failed \\(exit 3\\)"):
+        data.download_kaggle(tmp_path / "dest")
+    assert calls[0][0] == str(bindir / "kaggle") and calls[0][-1] == str(tmp_path / "dest")

@@ -202,7 +202,7 @@ VALID = {
     "limit": st.integers(0, 10**6),
     "seed": st.integers(0, 2**40),
     "n_folds": st.just(20),
-    "folds": st.lists(st.integers(0, 19), min_size=1, max_size=5),  # at least one (checked)
+    "folds": st.lists(st.integers(0, 19), min_size=1, max_size=5, unique=True),  # at least one, each once (checked)
     "base_filters": st.integers(1, 256),
     "depth": st.integers(1, 5),
     "blocks_per_level": st.integers(0, 8),
@@ -342,7 +342,8 @@ def test_load_layers_defaults_file_and_overrides(tmp_path):
     [
         ("seeed: 5\n", [], "unknown parameter 'seeed'; did you mean 'seed'"),
         ("depth: 9\n", [], "'depth' must be <= 5"),
-        ("dropout: high\n", [], "'dropout' must be float, got str"),
+        ("dropout: high\n", [], "'dropout' must be a finite float, got str"),
+        ("min_lr: .inf\n", [], "'min_lr' must be a finite float, got float inf"),
         ("seed: 1\n", ["depth=x"], "--set depth=x: parameter 'depth' must be int"),
         ("seed: 1\n", ["n_folds=2", "folds=[0,1,2]"], "fold 2 but n_folds is 2"),
     ],
@@ -413,3 +414,10 @@ def test_pad_to_must_hold_the_input(tmp_path):
         params.load(write(tmp_path, "pad_to: 128\n"), ["upscale=2"])
     with pytest.raises(ParamError, match=r"parameter 'pad_to' must be >= 0"):
         params.load(None, ["pad_to=-1"])
+
+
+@pytest.mark.parametrize("key", ["folds", "bundle_folds"])
+def test_a_fold_listed_twice_is_refused(key):
+    """[0, 0] would train and ship the same fold's model twice and count its images twice."""
+    with pytest.raises(ParamError, match=rf"--set {key}=\[0, 1, 0\]: parameter '{key}' lists 0 more than once"):
+        params.load(None, ["folds=[0, 1]", f"{key}=[0, 1, 0]"])

@@ -350,6 +350,9 @@ def test_predict_folder_bad_image_keeps_existing_output(bundle_dir, images_dir, 
 def test_predict_folder_missing_or_empty_folder(bundle_dir, tmp_path):
     with pytest.raises(DataError, match="missing folder"):
         predict.predict_folder(bundle_dir, tmp_path / "nowhere", tmp_path / "s.csv", verbose=False)
+    with pytest.raises(DataError, match="missing folder"):  # the output's new folders are not made for nothing
+        predict.predict_folder(bundle_dir, tmp_path / "nowhere", tmp_path / "new" / "deep" / "s.csv", verbose=False)
+    assert not (tmp_path / "new").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no PNG files in .*empty"):
         predict.predict_folder(bundle_dir, tmp_path / "empty", tmp_path / "s.csv", verbose=False)
@@ -363,6 +366,8 @@ def test_predict_folder_refuses_unwritable_output_before_work(bundle_dir, images
     (tmp_path / "afile").write_text("x")
     with pytest.raises(DataError, match="cannot write the output"):
         predict.predict_folder(bundle_dir, images_dir, tmp_path / "afile" / "s.csv", verbose=False)
+    with pytest.raises(DataError, match=r"cannot write the output .*afile is not a folder"):
+        predict.predict_folder(bundle_dir, images_dir, tmp_path / "afile" / "deeper" / "s.csv", verbose=False)
     with pytest.raises(ValueError, match="batch_size"):
         predict.predict_folder(bundle_dir, images_dir, tmp_path / "s.csv", batch_size=0, verbose=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]
@@ -635,3 +640,19 @@ def test_benchmark_variants(text, expected):
         bench.parse_variant(text + "-q")
     with pytest.raises(SystemExit, match="pad_to 128 is smaller than the input"):
         bench.parse_variant(text.split("-p")[0] + "-x2-p128")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_postprocess_cuts_where_the_sweep_cut(dtype):
+    """A logit equal to a cut-off rounded to float32 (0.1f > 0.1 in float64, not in float32): the
+    mask notebook 03 scored at cut-off 0.1 is the mask the bundle predicts."""
+    from saltlib import metric
+
+    v = np.full((1, 101, 101), 0.1, dtype)
+    truth = np.zeros((1, 101, 101), bool)
+    truth[0, :4, :4] = True
+    sweep = metric.sweep_thresholds(truth, v, thresholds=[0.1])
+    _, _, area = metric.threshold_counts(truth, v, [0.1])
+    mask = predict.postprocess(v, 0.1)
+    assert mask.sum() == area[0, 0] == (101 * 101 if dtype == np.float32 else 0)  # 0.1f is above 0.1, 0.1 in float16 below
+    assert sweep["score"] == metric.competition_score(truth, mask)

@@ -292,10 +292,13 @@ def test_list_runs_table_and_index(tmp_path, capsys):
     _fake_run(runs, "killed", status="running", host={"hostname": socket.gethostname(), "pid": 2 ** 22 + 12345})
     (runs / "junk").mkdir()
     (runs / "junk" / "run.json").write_text("{not json")
+    _fake_run(runs, "odd", seconds="abc")  # one bad record does not stop the listing
+    _fake_run(runs, "odder", metrics={"cv_score": "0.8"})
     result = runner.list_runs(runs)
     out = capsys.readouterr().out
     assert {r["name"]: r["_status"] for r in result} == {"good": "finished", "bad": "failed", "killed": "died",
-                                                        "junk": "broken"}
+                                                        "junk": "broken", "odd": "broken", "odder": "broken"}
+    assert "'seconds' is 'abc', not a number" in next(r["error"] for r in result if r["name"] == "odd")
     assert out.splitlines()[0].split() == ["name", "status", "CV", "score", "nested", "duration", "started"]
     good = next(line for line in out.splitlines() if line.startswith("good"))
     assert good.split()[2:5] == ["0.8123", "0.8046", "1:15"]
@@ -384,6 +387,33 @@ def test_resume_refuses_a_live_run(tmp_path):
               params=dict(params.load(SMOKE), run_dir=None))
     with pytest.raises(FileExistsError, match="still running"):
         runner._prepare_resume(runs / "live", {})
+
+
+def test_a_corrupt_test_image_stops_the_run_before_anything(tmp_path, synthetic, stub_notebooks):
+    import shutil
+
+    from saltlib.data import DataError
+
+    root = shutil.copytree(synthetic.root, tmp_path / "bad-test")
+    bad = root / "test" / "images" / f"{synthetic.test_ids[0]}.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    runs = tmp_path / "runs"
+    with pytest.raises(DataError, match=f"cannot read image {bad}: corrupt"):
+        runner.run_pipeline(SMOKE, name="r", runs_dir=runs, notebooks_dir=stub_notebooks,
+                            overrides=[f"data_dir={root}"])
+    assert not (runs / "r").exists()
+
+
+def test_resume_takes_a_parameter_added_since_the_run_as_its_default(tmp_path):
+    """A run recorded before ``pad_to`` existed resumes with the default; a real change is refused."""
+    runs = tmp_path / "runs"
+    cfg = dict(params.load(SMOKE), run_dir=None)
+    old = {k: v for k, v in cfg.items() if k != "pad_to"}
+    _fake_run(runs, "old", status="failed", params=old)
+    assert runner._prepare_resume(runs / "old", cfg)[0]["status"] == "failed"
+    _fake_run(runs, "older", status="failed", params=old)
+    with pytest.raises(params.ParamError, match=r"cannot resume run older with different parameters \(pad_to\)"):
+        runner._prepare_resume(runs / "older", {**cfg, "pad_to": 128})
 
 
 def test_missing_test_images_stop_the_run_before_anything(tmp_path, synthetic, stub_notebooks):

@@ -6,6 +6,7 @@ Both reuse the shared smoke run (tests/_smoke.py).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -135,6 +136,34 @@ def test_ship_never_overwrites(smoke_ok, tmp_path):
     with pytest.raises(FileExistsError, match="taken"):
         ship.ship(smoke_ok.run_dir, "taken", models_dir=tmp_path)
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_a_failed_ship_leaves_nothing(smoke_ok, tmp_path, monkeypatch):
+    """A run folder without params.yaml is refused before anything is written; a failure while
+    writing leaves no half bundle (or hidden work folder) to block a retry."""
+    run = shutil.copytree(smoke_ok.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("*.html", "*.ipynb"))
+    (run / "params.yaml").unlink()
+    with pytest.raises(FileNotFoundError, match="params.yaml is missing"):
+        ship.ship(run, "half", models_dir=tmp_path / "models")
+    assert not (tmp_path / "models").exists()
+    (run / "params.yaml").write_text((smoke_ok.run_dir / "params.yaml").read_text())
+    write_text = ship.io.write_text
+
+    def full_disk(path, text):
+        if Path(path).name == "MODEL_CARD.md":  # the last file: the models and records are already there
+            raise OSError(28, "No space left on device")
+        return write_text(path, text)
+
+    monkeypatch.setattr(ship.io, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ship.ship(run, "half", models_dir=tmp_path / "models")
+    assert list((tmp_path / "models").iterdir()) == []
+    monkeypatch.setattr(ship.io, "write_text", write_text)
+    dest = ship.ship(run, "half", models_dir=tmp_path / "models")
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["half"] and (dest / "MODEL_CARD.md").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o777 & ~umask  # like any new folder, not mkdtemp's 0700
 
 
 def test_ship_refuses_unfinished_run(smoke_ok, tmp_path):
