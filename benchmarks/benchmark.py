@@ -233,7 +233,8 @@ def worker(spec: dict) -> dict:
 # --------------------------------------------------------------------------- driver
 def default_bundle() -> Path | None:
     """The first folder under models/ (sorted) that holds a bundle.json, or None."""
-    found = sorted(p.parent for p in (ROOT / "models").glob("*/bundle.json"))
+    found = sorted(p.parent for p in (ROOT / "models").glob("*/bundle.json")
+                   if not p.parent.name.startswith("."))  # not a `salt ship` still at work
     return found[0] if found else None
 
 

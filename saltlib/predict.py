@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -250,9 +251,9 @@ def write_bundle(dest, model_paths, threshold: float, min_size: int, tta: bool, 
     staged = []
     try:
         for src in sources:  # stage every copy first: sources may be files of this very folder
-            fd, tmp = tempfile.mkstemp(prefix=".staged.", suffix=".keras.tmp", dir=dest)
-            os.close(fd)
-            staged.append(Path(tmp))
+            # a fresh name that copyfile creates, so the file gets the usual mode (mkstemp's is 0600)
+            tmp = dest / f".staged.{secrets.token_hex(8)}.keras.tmp"
+            staged.append(tmp)
             shutil.copyfile(src, tmp)
         for tmp, name in zip(staged, names):
             os.replace(tmp, dest / name)
@@ -529,7 +530,7 @@ def _check_writable(out_csv: Path) -> None:
     # the folders it needs are made when the CSV is written, so a run that fails leaves none behind:
     # here the nearest existing one must take new files
     base = out_csv.parent
-    while not base.exists() and base != base.parent:
+    while not os.path.lexists(base) and base != base.parent:  # a dangling link is there, and not a folder
         base = base.parent
     if not base.is_dir():
         raise DataError(f"cannot write the output {out_csv}: {base} is not a folder")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 from . import io, predict, train
@@ -122,7 +122,9 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         + ("Flip TTA or not, the cut-off, the small-mask size and the largest-logit gate were chosen on these same"
            " images (four" if metrics.get("peak_gate") is not None
            else "Flip TTA or not, the cut-off and the small-mask size were chosen on these same images (three"),
-        "  numbers, so the optimism is small); the score at logit 0 without TTA or small-mask removal is",
+        "  numbers"
+        + ("; the nested score below measures the optimism" if metrics.get("cv_score_nested") is not None else "")
+        + "); the score at logit 0 without TTA or small-mask removal is",
         f"  {metrics['cv_score_untuned']:.4f}.",
         *([f"- **Nested CV score {metrics['cv_score_nested']:.4f}** over {metrics.get('nested_over', 'the folds')}: each"
            " post-processed with the settings chosen on the others' images only, so no setting was tuned on the"
@@ -230,7 +232,7 @@ def check_section(result: dict) -> str:
         Markdown, between :data:`CHECK_BEGIN` and :data:`CHECK_END`.
     """
     r = result
-    per_fold = ", ".join(f"fold {f}: {s:.4f}" for f, s in r["per_fold"].items())
+    per_fold = ", ".join(f"fold {f}: {s:.4f}" for f, s in sorted(r["per_fold"].items(), key=lambda kv: int(kv[0])))
     gates = r.get("nested_gates")
     lines = [
         CHECK_BEGIN,
@@ -253,36 +255,53 @@ def check_section(result: dict) -> str:
     return "\n".join(lines + [CHECK_END]) + "\n"
 
 
-def write_check(bundle_dir, result: dict) -> Path:
-    """Record a re-scoring of a shipped bundle: ``bundle_cv.json`` and the card's section.
+def place_check(card: str, section: str, where: str = "MODEL_CARD.md") -> str:
+    """``card`` with ``section`` in place of an earlier check section, or before ``## Post-processing``.
 
-    The section replaces an earlier one, or goes in before ``## Post-processing``.
+    Raises:
+        ValueError: the card has a start marker without an end marker, or no ``## Post-processing``
+            (``where`` names it).
+    """
+    if CHECK_BEGIN in card:
+        head, _, rest = card.partition(CHECK_BEGIN)
+        if CHECK_END not in rest:
+            raise ValueError(f"{where}: {CHECK_BEGIN!r} without {CHECK_END!r}")
+        tail = rest.partition(CHECK_END)[2]
+        return head + section + (tail[1:] if tail.startswith("\n") else tail)
+    if "\n## Post-processing" in card:
+        head, _, rest = card.partition("\n## Post-processing")
+        return head + "\n" + section + "\n## Post-processing" + rest
+    raise ValueError(f"{where}: no '## Post-processing' section to put the check before")
+
+
+def card_path(bundle_dir) -> Path:
+    """The bundle's ``MODEL_CARD.md``, checked to take a check section (before any scoring is done).
+
+    Raises:
+        FileNotFoundError: the folder has no ``MODEL_CARD.md``.
+        ValueError: see :func:`place_check`.
+    """
+    path = Path(bundle_dir) / "MODEL_CARD.md"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: is {bundle_dir} a shipped bundle (`salt ship`)?")
+    place_check(path.read_text(), "", str(path))
+    return path
+
+
+def write_check(bundle_dir, result: dict) -> Path:
+    """Record a re-scoring of a shipped bundle: ``bundle_cv.json`` and the card's section
+    (:func:`check_section`, placed by :func:`place_check`).
 
     Returns:
         the model card's path.
     Raises:
-        FileNotFoundError: the folder has no ``MODEL_CARD.md``.
-        ValueError: the card has a start marker without an end marker, or no ``## Post-processing``.
+        FileNotFoundError, ValueError: see :func:`card_path`; nothing is written then.
     """
-    bundle_dir = Path(bundle_dir)
-    card_path = bundle_dir / "MODEL_CARD.md"
-    if not card_path.is_file():
-        raise FileNotFoundError(f"{card_path} is missing: is {bundle_dir} a shipped bundle (`salt ship`)?")
-    card, section = card_path.read_text(), check_section(result)
-    if CHECK_BEGIN in card:
-        head, _, rest = card.partition(CHECK_BEGIN)
-        if CHECK_END not in rest:
-            raise ValueError(f"{card_path}: {CHECK_BEGIN!r} without {CHECK_END!r}")
-        tail = rest.partition(CHECK_END)[2]
-        card = head + section + (tail[1:] if tail.startswith("\n") else tail)
-    elif "\n## Post-processing" in card:
-        head, _, rest = card.partition("\n## Post-processing")
-        card = head + "\n" + section + "\n## Post-processing" + rest
-    else:
-        raise ValueError(f"{card_path}: no '## Post-processing' section to put the check before")
-    io.write_json(bundle_dir / "bundle_cv.json", result)
-    io.write_text(card_path, card)
-    return card_path
+    path = card_path(bundle_dir)
+    card = place_check(path.read_text(), check_section(result), str(path))
+    io.write_json(Path(bundle_dir) / "bundle_cv.json", result)
+    io.write_text(path, card)
+    return path
 
 
 def ship(run_dir, name: str, models_dir=None, benchmark_file=None) -> Path:
@@ -310,10 +329,8 @@ def ship(run_dir, name: str, models_dir=None, benchmark_file=None) -> Path:
     meta = {**(spec.get("meta") or {}), "name": name, "source_run": run_dir.name}
     # built in a hidden sibling folder and renamed at the end: a failure leaves no half bundle behind
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    tmp = dest.parent / f".{name}.partial-{secrets.token_hex(4)}"  # hidden: listings of models/ skip it
+    tmp.mkdir()  # the usual mode (mkdtemp's 0700 would outlive the rename)
     try:
         predict.write_bundle(tmp, models, spec["threshold"], spec["min_size"], spec["tta"], meta=meta,
                              peak_gate=spec["peak_gate"])

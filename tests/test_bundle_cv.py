@@ -130,3 +130,12 @@ def test_write_records_the_result_in_the_bundle(smoke_ok, new_bundle, tmp_path):
     card = (dest / "MODEL_CARD.md").read_text()
     assert ship.check_section(recorded) in card and card.index(ship.CHECK_END) < card.index("## Post-processing")
     predict.load_bundle(dest)  # the bundle still loads (its models' digests are unchanged)
+
+
+def test_write_refuses_a_bundle_without_a_card_before_scoring(new_bundle, tmp_path, monkeypatch):
+    tool = load_tool("bundle_cv")
+    dest = shutil.copytree(new_bundle, tmp_path / "b")  # no MODEL_CARD.md
+    monkeypatch.setattr(tool.predict, "load_bundle", lambda *a: pytest.fail("scored before checking the card"))
+    with pytest.raises(FileNotFoundError, match="MODEL_CARD.md is missing"):
+        tool.main([str(dest), "--write"])
+    assert not (dest / "bundle_cv.json").exists()

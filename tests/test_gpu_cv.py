@@ -153,14 +153,14 @@ def test_a_job_stopped_at_the_deadline_exports_its_last_finished_stage(gpu_cv, s
     plan = {"epochs": [1, 1, 1]}
     gpu_cv.export(run_root, [(0, 7), (1, 7), (2, 7)], out, plan, params_path)
     printed = capsys.readouterr().out
-    assert "job 1:7 stopped at the deadline: exporting stage 2 of 3" in printed
-    assert "no model for job 2:7: stopped before its first stage finished" in printed
+    assert "job 1:7 did not finish (stopped at the deadline, or failed; see its log): exporting stage 2 of 3" in printed
+    assert "no model for job 2:7: it ended before its first stage finished" in printed
     assert "job 0:7" not in printed and sorted(p.name for p in out.glob("*.npz")) == ["f0s7.npz", "f1s7.npz"]
     with tarfile.open(out / "logs.tar.gz") as tar:
         assert json.loads(tar.extractfile("plan.json").read())["partial"] == {"1:7": "stage 2 of 3"}
     z = np.load(out / "f1s7.npz")
-    assert int(z["finished_stages"]) == 2 and int(z["planned_stages"]) == 3
-    assert int(np.load(out / "f0s7.npz")["finished_stages"]) == 3
+    assert int(z["finished_stages"]) == 2 and int(z["planned_stages"]) == 3 and not z["complete"]
+    assert int(np.load(out / "f0s7.npz")["finished_stages"]) == 3 and np.load(out / "f0s7.npz")["complete"]
     rebuilt = train.build_model(tcfg, for_inference=True)
     rebuilt.set_weights(gpu_cv._weights_in_order(z))
     x = np.random.default_rng(0).random((2, 101, 101, 1), dtype=np.float32)

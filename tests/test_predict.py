@@ -191,6 +191,10 @@ def test_write_bundle_rewrites_in_place_and_drops_stale_files(models, tmp_path):
     assert spec["models"] == ["model0.keras"] and spec["threshold"] == 1.5
     assert sorted(p.name for p in d.iterdir()) == ["README.md", "bundle.json", "model0.keras"]
     assert (d / "model0.keras").read_bytes() == paths[1].read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in ("bundle.json", "model0.keras"):  # readable like any new file (not a staging file's 0600)
+        assert (d / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
 def test_bundle_peak_gate_round_trip(models, tmp_path):
@@ -368,6 +372,10 @@ def test_predict_folder_refuses_unwritable_output_before_work(bundle_dir, images
         predict.predict_folder(bundle_dir, images_dir, tmp_path / "afile" / "s.csv", verbose=False)
     with pytest.raises(DataError, match=r"cannot write the output .*afile is not a folder"):
         predict.predict_folder(bundle_dir, images_dir, tmp_path / "afile" / "deeper" / "s.csv", verbose=False)
+    (tmp_path / "link").symlink_to(tmp_path / "gone")  # a dangling link where a folder should be
+    with pytest.raises(DataError, match=r"cannot write the output .*link is not a folder"):
+        predict.predict_folder(bundle_dir, images_dir, tmp_path / "link" / "s.csv", verbose=False)
+    (tmp_path / "link").unlink()
     with pytest.raises(ValueError, match="batch_size"):
         predict.predict_folder(bundle_dir, images_dir, tmp_path / "s.csv", batch_size=0, verbose=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]

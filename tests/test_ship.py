@@ -31,6 +31,7 @@ def test_ship_copies_bundle_and_writes_card(smoke_ok, tmp_path):
     card = (dest / "MODEL_CARD.md").read_text()
     assert f"CV score {metrics['cv_score']:.4f}" in card
     assert f"Nested CV score {metrics['cv_score_nested']:.4f}** over the 2 folds" in card  # smoke: folds 0, 1
+    assert "numbers; the nested score below measures the optimism)" in card
     assert "salt predict --model models/tiny" in card
     assert "fold 0:" in card and "epochs in" in card
     assert "bundle  12.5" in card
@@ -205,7 +206,7 @@ def test_notebooks_on_folds_trained_by_salt_train(smoke_ok, tmp_path):
     assert proc.returncode != 0 and "no run to resume" in proc.stderr
 
 
-SHIPPED = sorted(p for p in (ROOT / "models").iterdir() if (p / "bundle.json").is_file())
+SHIPPED = sorted(p for p in (ROOT / "models").iterdir() if (p / "bundle.json").is_file() and not p.name.startswith("."))
 
 
 @pytest.mark.parametrize("bundle_dir", SHIPPED, ids=[p.name for p in SHIPPED])
@@ -259,6 +260,9 @@ def test_check_section_states_the_tools_figures():
                  "the size and the gate chosen on the others only: **0.8047** (0.8061 with no gate in the grid)",
                  "Models as bundle.json records them; held-out ids match bundle.json."):
         assert part in text, part
+    many = ship.check_section({**CHECK, "per_fold": {10: 0.5, 2: 0.25}})  # folds in number order, as JSON keys too
+    assert "(fold 2: 0.2500, fold 10: 0.5000)" in many
+    assert ship.check_section(json.loads(json.dumps({**CHECK, "per_fold": {10: 0.5, 2: 0.25}}, sort_keys=True))) == many
     bare = ship.check_section({**CHECK, "card": None, "nested_gates": False, "nested_no_gates": None, "dirty": True})
     assert "with uncommitted changes" in bare and "training time" not in bare and "gate" not in bare
 

@@ -28,6 +28,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -60,13 +61,13 @@ def fold_members(bundle: predict.Bundle, snapshots) -> tuple[dict, str]:
         if set(members) != {int(f) for f in folds} or sorted(sum(members.values(), [])) != list(range(len(bundle.models))):
             raise ValueError(f"{bundle.path}: meta.members {meta['members']} does not list each of the "
                              f"{len(bundle.models)} model(s) once for folds {folds}")
-        return members, "as bundle.json records them"
+        return dict(sorted(members.items())), "as bundle.json records them"
     per_fold = 1 + len(set(snapshots))
     if len(bundle.models) != per_fold * len(folds):
         raise ValueError(f"{bundle.path}: {len(bundle.models)} model(s) for folds {folds} with {per_fold} member(s) "
                          "each (the final model and the snapshots of params.yaml) do not match")
     members = {int(f): list(range(k * per_fold, (k + 1) * per_fold)) for k, f in enumerate(folds)}
-    return members, "matched by count (bundle.json does not record them)"
+    return dict(sorted(members.items())), "matched by count (bundle.json does not record them)"
 
 
 def check_split(bundle: predict.Bundle, ids, fold_of, members) -> str:
@@ -116,6 +117,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--write", action="store_true",
                     help="record the result in the bundle: bundle_cv.json and a section of MODEL_CARD.md")
     args = ap.parse_args(argv)
+    if args.write:
+        ship.card_path(args.bundle)  # a card that cannot take the section fails now, not after the scoring
     t0, git = time.time(), runner.git_info()  # the code as it starts
     bundle = predict.load_bundle(args.bundle)
     cfg = params.load(Path(args.bundle) / "params.yaml")
@@ -168,7 +171,7 @@ def main(argv=None) -> dict:
     result.update(seconds=time.time() - t0, date=datetime.date.today().isoformat(),
                   commit=git.get("commit"), dirty=git.get("dirty"),
                   cpu=f"{hardware.cpu_model() or platform.machine()}, {os.cpu_count()} cores",
-                  command="python tools/bundle_cv.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+                  command="python tools/bundle_cv.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
     print(f"{result['seconds']:.0f} s")
     if args.write:
         print(f"wrote {ship.write_check(args.bundle, result)} and bundle_cv.json")

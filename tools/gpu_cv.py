@@ -222,12 +222,13 @@ def train_jobs(args) -> None:
 
 
 def _finished_model(fold_dir, params_path, seed):
-    """``(path of an inference .keras, stages finished, stages planned)`` for one job's fold folder.
+    """``(path of an inference .keras or None, stages finished, stages planned, complete)`` for one
+    job's fold folder.
 
-    A job that finished has ``model.keras``. One stopped at the deadline keeps the weights of each
-    stage it finished (``stage<i>.weights.h5``): the last of them is saved as ``stage<i>.keras``
-    (the inference form, as ``salt train`` saves), so the GPU time is not lost. ``(None, 0, n)``
-    when not even stage 1 finished.
+    A job that finished has ``model.keras`` (complete). One that did not (stopped at the deadline,
+    or failed) keeps the weights of each stage it finished (``stage<i>.weights.h5``): the last of
+    them is saved as ``stage<i>.keras`` (the inference form, as ``salt train`` saves), so the GPU
+    time is not lost. ``planned`` is None where ``recipe.json`` is missing.
     """
     from saltlib import train
 
@@ -235,21 +236,22 @@ def _finished_model(fold_dir, params_path, seed):
     recipe = json.loads((fold_dir / "recipe.json").read_text()) if (fold_dir / "recipe.json").exists() else {}
     planned = len(recipe.get("stages") or []) or None
     if (fold_dir / "model.keras").exists():
-        return fold_dir / "model.keras", planned, planned
+        return fold_dir / "model.keras", planned, planned, True
     done = sorted(int(p.name[len("stage"):-len(".weights.h5")]) for p in fold_dir.glob("stage*.weights.h5"))
     if not done:
-        return None, 0, planned
+        return None, 0, planned, False
     _, tcfg, _ = _config(params_path, seed)  # the architecture (stage lengths do not matter here)
     model = train.build_model(tcfg)
     model.load_weights(fold_dir / f"stage{done[-1]}.weights.h5")
-    return train.save_model(model, tcfg, fold_dir / f"stage{done[-1]}.keras"), done[-1], planned
+    return train.save_model(model, tcfg, fold_dir / f"stage{done[-1]}.keras"), done[-1], planned, False
 
 
 def export(run_root, jobs, out, plan, params_path) -> None:
     """Weights as float16 conv kernels (+ float32 rest) per job, and the logs, into ``out``.
 
-    Each ``f<fold>s<seed>.npz`` also holds ``finished_stages`` and ``planned_stages``: a job stopped
-    at the deadline exports its last finished stage (``plan.json`` lists them under ``partial``).
+    Each ``f<fold>s<seed>.npz`` also holds ``complete``, ``finished_stages`` and ``planned_stages``
+    (0: unknown): a job that did not finish (stopped at the deadline, or failed) exports its last
+    finished stage, and ``plan.json`` lists it under ``partial``.
     """
     import keras
 
@@ -257,24 +259,25 @@ def export(run_root, jobs, out, plan, params_path) -> None:
     found = {}
     for fold, seed in jobs:
         found[fold, seed] = _finished_model(run_root / f"s{seed}" / f"fold{fold}", params_path, seed)
-    plan["partial"] = {f"{fold}:{seed}": f"stage {k} of {n}" for (fold, seed), (path, k, n) in found.items()
-                       if path is not None and k != n}
+    plan["partial"] = {f"{fold}:{seed}": f"stage {k} of {n or '?'}" for (fold, seed), (path, k, n, complete)
+                       in found.items() if path is not None and not complete}
     with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
         for p in sorted(run_root.rglob("*")):
             if p.suffix in (".csv", ".json", ".log"):
                 tar.add(p, arcname=str(p.relative_to(run_root)))
         (run_root / "plan.json").write_text(json.dumps(plan, indent=1))
         tar.add(run_root / "plan.json", arcname="plan.json")
-    for (fold, seed), (path, finished, planned) in found.items():
+    for (fold, seed), (path, finished, planned, complete) in found.items():
         if path is None:
-            print(f"no model for job {fold}:{seed}: stopped before its first stage finished")
+            print(f"no model for job {fold}:{seed}: it ended before its first stage finished")
             continue
-        if finished != planned:
-            print(f"job {fold}:{seed} stopped at the deadline: exporting stage {finished} of {planned}")
+        if not complete:
+            print(f"job {fold}:{seed} did not finish (stopped at the deadline, or failed; see its log): "
+                  f"exporting stage {finished} of {planned or '?'}")
         weights = [_float32(w) for w in keras.saving.load_model(path, compile=False).get_weights()]
         arrays = {f"w{i:03d}": (w.astype(np.float16) if w.ndim == 4 else w) for i, w in enumerate(weights)}
-        np.savez_compressed(out / f"f{fold}s{seed}.npz", finished_stages=np.int64(finished or 0),
-                            planned_stages=np.int64(planned or 0), **arrays)
+        np.savez_compressed(out / f"f{fold}s{seed}.npz", complete=np.bool_(complete),
+                            finished_stages=np.int64(finished or 0), planned_stages=np.int64(planned or 0), **arrays)
 
 
 def _float32(w: np.ndarray) -> np.ndarray:
@@ -313,7 +316,7 @@ def _fold_records(logs, seed, fold, dest, row, hardware) -> None:
 
 def unpack(args) -> None:
     """Rebuild each job's ``.keras`` model, score it on its held-out fold (flip TTA too) and write
-    its fold folder as ``salt train`` would. A job stopped at the deadline (its last finished stage)
+    its fold folder as ``salt train`` would. A job that did not finish (its last finished stage)
     goes to ``fold<k>-stage<i>`` with its scores but without the fold records, so ``salt run
     --resume`` does not take it for a finished fold; ``scores.json`` marks it ``partial``."""
     import keras
@@ -331,7 +334,7 @@ def unpack(args) -> None:
         model = train.build_model(tcfg, for_inference=True)  # the exported model.keras's layers
         model.set_weights(_weights_in_order(z))
         finished, planned = (int(z[k]) if k in z.files else 0 for k in ("finished_stages", "planned_stages"))
-        partial = planned > 0 and finished < planned  # stopped at the deadline: its last finished stage
+        partial = "complete" in z.files and not bool(z["complete"])  # did not finish: its last finished stage
         # not a fold folder (no done.json, another name): `salt run --resume` must not take it as finished
         dest = out / f"s{seed}" / (f"fold{fold}-stage{finished}" if partial else f"fold{fold}")
         dest.mkdir(parents=True, exist_ok=True)
@@ -346,7 +349,7 @@ def unpack(args) -> None:
                "val_score": metric.competition_score(ds.masks[val], logits > 0),
                "val_score_tta": metric.competition_score(ds.masks[val], logits_tta > 0)}
         if partial:
-            row["partial"] = f"stage {finished} of {planned}"
+            row["partial"] = f"stage {finished} of {planned or '?'}"
         else:
             _fold_records(Path(args.weights) / "logs.tar.gz", seed, fold, dest, row, args.hardware)
         rows.append(row)
