@@ -312,6 +312,9 @@ def read_bundle_spec(path) -> dict:
     models = spec["models"]
     if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
         raise BundleError(f"{spec_path}: 'models' must be a non-empty list of file names, got {models!r}")
+    if len(set(models)) < len(models):  # the same model twice: double the time, and a wrong ensemble weight
+        dup = next(m for i, m in enumerate(models) if m in models[:i])
+        raise BundleError(f"{spec_path}: model {dup!r} is listed more than once")
     for m in models:
         if Path(m).name != m or m in (".", ".."):
             raise BundleError(f"{spec_path}: model {m!r} must be a plain file name inside the bundle folder")

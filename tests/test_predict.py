@@ -249,6 +249,7 @@ def _edit_spec(d: Path, fn):
         ("unknown_key", "bundle.json", "unknown key"),
         ("bad_type", "bundle.json", "tta must be"),
         ("path_escape", "bundle.json", "plain file name"),
+        ("twice", "bundle.json", "'model0.keras' is listed more than once"),
         ("missing_model", "model1.keras", "is missing"),
         ("damaged_model", "model0.keras", "damaged"),
         ("corrupt_model", "model0.keras", "cannot load model"),
@@ -272,6 +273,8 @@ def test_incomplete_bundle_raises_naming_the_file(bundle_dir, tmp_path, case, cu
         _edit_spec(d, lambda s: s.update(tta="yes"))
     elif case == "path_escape":
         _edit_spec(d, lambda s: s.update(models=["../m0.keras"]))
+    elif case == "twice":
+        _edit_spec(d, lambda s: s.update(models=["model0.keras", "model1.keras", "model0.keras"]))
     elif case == "missing_model":
         (d / "model1.keras").unlink()
     elif case == "damaged_model":
