@@ -55,9 +55,7 @@ def nested(truth, candidates: dict, fold_of, thresholds=metric.LOGIT_THRESHOLDS,
     if len(folds) < 2:
         raise ValueError(f"nested scoring needs at least two folds, got {folds.tolist()}")
     for v in candidates.values():  # checked here, where the indices are those of the input
-        v = np.asarray(v)
-        if v.dtype.kind == "f" and not np.isfinite(v).all():
-            raise predict.NonFiniteLogitsError(np.flatnonzero(~np.isfinite(v.reshape(len(v), -1)).all(axis=1)))
+        predict.check_finite(v)
     scores, chosen = np.zeros(len(truth)), {}
     for f in folds:
         rest, here = fold_of != f, fold_of == f

@@ -120,8 +120,7 @@ def build_resnet_unet(
     h, w = input_shape[0] * upscale, input_shape[1] * upscale
     if pad_to and pad_to < max(h, w):
         raise ValueError(f"pad_to={pad_to} is smaller than the {'enlarged ' if upscale > 1 else ''}input ({h}x{w})")
-    crop = ((((pad_to - h) // 2, pad_to - h - (pad_to - h) // 2), ((pad_to - w) // 2, pad_to - w - (pad_to - w) // 2))
-            if pad_to else None)
+    crop = (_halves(pad_to - h), _halves(pad_to - w)) if pad_to else None  # ((top, bottom), (left, right))
     x = inputs
     if upscale > 1:
         x = layers.Resizing(h, w, interpolation="bilinear", name="upscale")(x)
@@ -166,6 +165,11 @@ def build_resnet_unet(
     image_map = layers.UpSampling2D((h, w), name="image_logit_spread", dtype="float32")(image_map)
     outputs = layers.Concatenate(name="heads", dtype="float32")([logits, seg_logits, image_map])
     return keras.Model(inputs, _downscale(_crop(outputs, crop), upscale), name=name)
+
+
+def _halves(n: int) -> tuple[int, int]:
+    """``n`` rows (or columns) of padding split in two, the extra one last: 27 -> (13, 14)."""
+    return n // 2, n - n // 2
 
 
 def _crop(x, crop):

@@ -96,14 +96,13 @@ def _int_list(lo=None, hi=None, nonempty=False, unique=False):
     def check(v):
         if nonempty and not v:
             return "must list at least one value"
-        if unique and len(set(map(repr, v))) < len(v):
-            dup = next(x for i, x in enumerate(v) if x in v[:i])
-            return f"lists {dup!r} more than once"
-        for x in v:
+        for i, x in enumerate(v):
             if not isinstance(x, int) or isinstance(x, bool):
                 return f"items must be integers, got {x!r}"
             if (lo is not None and x < lo) or (hi is not None and x > hi):
                 return f"items must be in [{lo}, {hi}], got {x}"
+            if unique and x in v[:i]:
+                return f"lists {x!r} more than once"
         return None
 
     return check

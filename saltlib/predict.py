@@ -71,6 +71,22 @@ class NonFiniteLogitsError(ValueError):
         return type(self), (self.indices,)
 
 
+def check_finite(logits) -> None:
+    """Refuse NaN or infinite logits: ``NaN > threshold`` is False, so a diverged model would
+    otherwise read as "no salt".
+
+    Args:
+        logits: ``(N, ...)`` one array of logits per image (any integer dtype passes).
+    Raises:
+        NonFiniteLogitsError: naming the images (positions along N) with a non-finite logit.
+    """
+    a = np.asarray(logits)
+    if a.dtype.kind == "f" and len(a):
+        bad = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
+        if len(bad):
+            raise NonFiniteLogitsError(bad)
+
+
 # --------------------------------------------------------------------------- post-processing
 def postprocess(logits, threshold: float = 0.0, min_size: int = 0, peak_gate: float | None = None) -> np.ndarray:
     """Turn logits into salt masks.
@@ -95,10 +111,7 @@ def postprocess(logits, threshold: float = 0.0, min_size: int = 0, peak_gate: fl
         a = a[None]
     if a.ndim != 3:
         raise ValueError(f"postprocess expects (N,H,W) or (N,H,W,1) logits, got shape {a.shape}")
-    if a.dtype.kind == "f":
-        bad = np.flatnonzero(~np.isfinite(a).all(axis=(1, 2)))
-        if len(bad):
-            raise NonFiniteLogitsError(bad)
+    check_finite(a)
     masks = a > np.float64(threshold)  # in float64, as metric.sweep_thresholds compares (a logit equal to 0.1f)
     if peak_gate is not None:
         peak = a.reshape(len(a), -1).max(axis=1) if a.size else np.zeros(len(a))

@@ -155,7 +155,23 @@ def test_aux_outputs_need_the_empty_head():
         build_resnet_unet(base_filters=4, depth=2, aux_outputs=True)
 
 
-# --------------------------------------------------------------------------- upscale
+# --------------------------------------------------------------------------- upscale, pad_to
+def _block_mean(a, k: int):
+    """``(N, k*101, k*101, C)`` -> ``(N, 101, 101, C)``: the mean of each k x k block (numpy)."""
+    return a.reshape(len(a), 101, k, 101, k, a.shape[-1]).mean(axis=(2, 4))
+
+
+def _check_train_form_and_saving(model, x, out, tmp_path, empty_head, **shape):
+    """With the image head, the training form of the same ``shape`` outputs the three stacked heads
+    at 101x101; and the model, saved and loaded, predicts ``out`` again."""
+    if empty_head:
+        train_form = build_resnet_unet(base_filters=2, blocks_per_level=1, empty_head=True, aux_outputs=True, **shape)
+        assert train_form.output_shape == (None, 101, 101, 3)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    np.testing.assert_allclose(np.asarray(keras.saving.load_model(path)(x)), out, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("upscale,empty_head", [(2, False), (2, True), (3, False)])
 def test_upscale_runs_the_unet_larger_and_averages_back(upscale, empty_head, tmp_path):
     """101x101 in and out; inside, the U-Net (and the head) run at k*101, and the output is the mean of
@@ -170,15 +186,8 @@ def test_upscale_runs_the_unet_larger_and_averages_back(upscale, empty_head, tmp
     assert out.shape == (2, 101, 101, 1)
     full = np.asarray(keras.Model(model.input, model.get_layer("logits").output)(x))
     assert full.shape == (2, size, size, 1)
-    blocks = full.reshape(2, 101, upscale, 101, upscale, 1).mean(axis=(2, 4))
-    np.testing.assert_allclose(out, blocks, rtol=1e-5, atol=1e-5)
-    if empty_head:
-        train_form = build_resnet_unet(base_filters=2, depth=2, blocks_per_level=1, empty_head=True,
-                                       aux_outputs=True, upscale=upscale)
-        assert train_form.output_shape == (None, 101, 101, 3)
-    path = tmp_path / "m.keras"
-    model.save(path)
-    np.testing.assert_allclose(np.asarray(keras.saving.load_model(path)(x)), out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, _block_mean(full, upscale), rtol=1e-5, atol=1e-5)
+    _check_train_form_and_saving(model, x, out, tmp_path, empty_head, depth=2, upscale=upscale)
 
 
 def test_upscale_one_adds_no_layers_and_zero_is_rejected():
@@ -188,7 +197,6 @@ def test_upscale_one_adds_no_layers_and_zero_is_rejected():
         build_resnet_unet(base_filters=2, depth=2, upscale=0)
 
 
-# --------------------------------------------------------------------------- pad_to
 @pytest.mark.parametrize("pad_to,upscale,empty_head,border", [
     (128, 1, False, ((13, 14), (13, 14))),
     (128, 1, True, ((13, 14), (13, 14))),
@@ -213,18 +221,10 @@ def test_pad_to_runs_the_unet_on_the_padded_image_and_crops_back(pad_to, upscale
     assert padded.sum() == pytest.approx(inner.sum(), rel=1e-6)  # zeros outside the image
     full = np.asarray(keras.Model(model.input, model.get_layer("logits").output)(x))
     centre = full[:, top:top + size, left:left + size]
-    if upscale > 1:
-        centre = centre.reshape(2, 101, upscale, 101, upscale, 1).mean(axis=(2, 4))
     out = np.asarray(model(x))
     assert out.shape == (2, 101, 101, 1)
-    np.testing.assert_allclose(out, centre, rtol=1e-5, atol=1e-5)
-    if empty_head:
-        train_form = build_resnet_unet(base_filters=2, depth=3, blocks_per_level=1, empty_head=True,
-                                       aux_outputs=True, pad_to=pad_to)
-        assert train_form.output_shape == (None, 101, 101, 3)
-    path = tmp_path / "m.keras"
-    model.save(path)
-    np.testing.assert_allclose(np.asarray(keras.saving.load_model(path)(x)), out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, _block_mean(centre, upscale), rtol=1e-5, atol=1e-5)
+    _check_train_form_and_saving(model, x, out, tmp_path, empty_head, depth=3, upscale=upscale, pad_to=pad_to)
 
 
 def test_pad_to_zero_adds_no_layers_and_a_small_size_is_rejected():
