@@ -25,7 +25,10 @@ what an ensemble adds). The fold split never depends on the job seed. ``probe`` 
 training speed of the model on random data with and without XLA.
 
 Measured on one H200 (2026-11-26): three folds of ``params/ship-short.yaml`` (90 epochs each)
-trained at once in 287 s, ~850 images/s per fold, validation included.
+trained at once in 287 s, ~850 images/s per fold, validation included. Two folds of
+``params/gpu-upscale2.yaml`` (202x202) at once (2026-11-27): 5.24 s per epoch each after a 70 s start-up;
+the speed probe took 121 s of a 505 s budget and scaled the schedule to half, so give ``--epochs`` when
+the speed is known.
 """
 
 from __future__ import annotations
