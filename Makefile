@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 PARAMS ?= params/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test chromium lab clean-venv
+.PHONY: setup run test chromium lab clean-venv gpu-prep
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,16 @@ test: setup chromium
 
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+
+# What tools/gpu_cv.py needs on a GPU machine that has JAX but no TensorFlow (both git-ignored, carried
+# there): the packed training set, and the venv's Keras with the two packages that machine lacks, for
+# its Python 3.12. Commands for the GPU machine: README, "A GPU machine without TensorFlow".
+gpu-prep: setup
+	$(PY) tools/gpu_cv.py pack --out .devdata/train.npz
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  $$($(PY) -c "from importlib.metadata import version as v; print(*(f'{p}=={v(p)}' for p in ('keras', 'namex', 'optree')))")
+	@ls -l .devdata .whl
 
 clean-venv:
 	rm -rf $(VENV)
