@@ -28,7 +28,9 @@ Measured on one H200 (2026-11-26): three folds of ``params/ship-short.yaml`` (90
 trained at once in 287 s, ~850 images/s per fold, validation included. Two folds of
 ``params/gpu-upscale2.yaml`` (202x202) at once (2026-11-27): 5.24 s per epoch each after a 70 s start-up;
 the speed probe took 121 s of a 505 s budget and scaled the schedule to half, so give ``--epochs`` when
-the speed is known.
+the speed is known. One job alone on one H100 (2026-11-27): ``gpu-upscale2.yaml`` 3.7 s per epoch (472 s
+for the whole 90-epoch job); 32 base filters at 101x101 2.8 s per epoch. A 32-filter model's export (~40 MB
+of float16 kernels) is larger than the 16 MiB a device call returns per file: such a job's weights are lost.
 """
 
 from __future__ import annotations
