@@ -175,3 +175,30 @@ def test_a_job_stopped_at_the_deadline_exports_its_last_finished_stage(gpu_cv, s
     whole, row = json.loads((tmp_path / "folds" / "scores.json").read_text())
     assert row["partial"] == "stage 2 of 3" and row["fold"] == 1 and 0.0 <= row["val_score_tta"] <= 1.0
     assert "partial" not in whole and whole["fold"] == 0
+
+
+@pytest.mark.parametrize("max_mib, n_files", [(15.0, 1), (0.004, 2), (0.0001, 5)])
+def test_weights_split_into_parts_come_back_whole(gpu_cv, tmp_path, max_mib, n_files):
+    """A device call returns files of up to 16 MiB: a job's arrays beyond ``max_mib`` go to
+    ``.part<k>.npz`` files (about 4 KiB: 2 arrays of 2,000 bytes, then 2 more and the 40-byte one;
+    below one array's size: one file each) and load back as the same arrays in the same order."""
+    arrays = {f"w{i:03d}": np.full(1000, i, np.float16) for i in range(4)}
+    arrays["w004"] = np.arange(10, dtype=np.float32)
+    meta = {"complete": np.bool_(True), "finished_stages": np.int64(3), "planned_stages": np.int64(3)}
+    paths = gpu_cv._save_job(tmp_path, 2, 7, arrays, meta, max_mib)
+    expected = ["f2s7.npz"] + [f"f2s7.part{k}.npz" for k in range(1, n_files)]
+    assert [p.name for p in paths] == expected == sorted(p.name for p in tmp_path.iterdir())
+    back = gpu_cv._load_job(paths[0])
+    assert "n_parts" not in back and int(back["finished_stages"]) == 3 and bool(back["complete"])
+    got = gpu_cv._weights_in_order(back)
+    assert [w.dtype for w in got] == [np.float32] * 5
+    for w, a in zip(got, arrays.values()):
+        np.testing.assert_array_equal(w, a.astype(np.float32))
+
+
+def test_a_missing_part_is_named(gpu_cv, tmp_path):
+    arrays = {f"w{i:03d}": np.zeros(1000, np.float16) for i in range(3)}
+    paths = gpu_cv._save_job(tmp_path, 0, 42, arrays, {}, 0.001)
+    paths[1].unlink()
+    with pytest.raises(SystemExit, match=r"f0s42\.npz: its weights continue in f0s42\.part1\.npz, which is missing"):
+        gpu_cv._load_job(paths[0])

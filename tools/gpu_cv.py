@@ -30,7 +30,8 @@ trained at once in 287 s, ~850 images/s per fold, validation included. Two folds
 the speed probe took 121 s of a 505 s budget and scaled the schedule to half, so give ``--epochs`` when
 the speed is known. One job alone on one H100 (2026-11-27): ``gpu-upscale2.yaml`` 3.7 s per epoch (472 s
 for the whole 90-epoch job); 32 base filters at 101x101 2.8 s per epoch. A 32-filter model's export (~40 MB
-of float16 kernels) is larger than the 16 MiB a device call returns per file: such a job's weights are lost.
+of float16 kernels) is larger than the 16 MiB a device call returns per file: ``export`` splits a job's
+weights into files of at most ``--max-file-mib`` (15) MiB, so train one such job per call (64 MiB in all).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -111,8 +113,47 @@ def probe(args) -> None:
 
 
 def _weights_in_order(z) -> list:
-    """The float32 arrays of an exported ``w<i>`` npz in ``get_weights`` order (by number: w999 before w1000)."""
-    return [_float32(z[k]) for k in sorted((k for k in z.files if k[0] == "w"), key=lambda k: int(k[1:]))]
+    """The float32 arrays of an exported ``w<i>`` npz (or a dict of them) in ``get_weights`` order
+    (by number: w999 before w1000)."""
+    return [_float32(z[k]) for k in sorted((k for k in z if k[0] == "w"), key=lambda k: int(k[1:]))]
+
+
+def _save_job(out, fold, seed, arrays: dict, meta: dict, max_mib: float) -> list[Path]:
+    """Write one job's arrays as ``f<fold>s<seed>.npz`` (with ``meta`` and ``n_parts``) and, where they
+    hold more than ``max_mib`` MiB, the rest as ``f<fold>s<seed>.part<k>.npz`` (k = 1, 2, ...), each at
+    most ``max_mib`` MiB before compression unless one array alone is larger. A device call returns
+    files of up to 16 MiB: a 32-filter model's kernels (~40 MB in float16) need three files.
+
+    Returns:
+        the paths written, the main file first.
+    """
+    limit = max_mib * 2**20
+    parts, size = [{}], 0
+    for key, a in arrays.items():
+        if parts[-1] and size + a.nbytes > limit:
+            parts.append({})
+            size = 0
+        parts[-1][key] = a
+        size += a.nbytes
+    paths = [out / f"f{fold}s{seed}.npz"] + [out / f"f{fold}s{seed}.part{k}.npz" for k in range(1, len(parts))]
+    np.savez_compressed(paths[0], n_parts=np.int64(len(parts)), **meta, **parts[0])
+    for path, part in zip(paths[1:], parts[1:]):
+        np.savez_compressed(path, **part)
+    return paths
+
+
+def _load_job(path) -> dict:
+    """The arrays of a job written by :func:`_save_job`, its parts merged in (a missing part is an
+    error naming it)."""
+    path = Path(path)
+    z = dict(np.load(path))
+    for k in range(1, int(z.pop("n_parts", 1))):
+        part = path.with_name(f"{path.stem}.part{k}.npz")
+        if not part.is_file():
+            raise SystemExit(f"{path}: its weights continue in {part.name}, which is missing "
+                             f"(copy every f*s*.part*.npz the device call returned)")
+        z.update(np.load(part))
+    return z
 
 
 def _config(params_path, seed, epochs=None):
@@ -203,7 +244,7 @@ def train_jobs(args) -> None:
         plan["exit_codes"] = _launch(args, jobs, args.epochs, work / "run", deadline)
         plan["train_s"] = time.time() - t0
         print("done:", json.dumps(plan), flush=True)
-        return export(work / "run", jobs, Path(args.out), plan, args.params)
+        return export(work / "run", jobs, Path(args.out), plan, args.params, args.max_file_mib)
     codes = _launch(args, jobs, f"{args.probe_epochs}", work / "probe")
     if any(codes):
         os.system(f"tail -n 40 {work / 'probe'}/*.log")
@@ -223,7 +264,7 @@ def train_jobs(args) -> None:
     print("done:", json.dumps(plan), flush=True)
     if any(codes):
         os.system(f"tail -n 30 {work / 'run'}/*.log")
-    export(work / "run", jobs, Path(args.out), plan, args.params)
+    export(work / "run", jobs, Path(args.out), plan, args.params, args.max_file_mib)
 
 
 def _finished_model(fold_dir, params_path, seed):
@@ -251,10 +292,11 @@ def _finished_model(fold_dir, params_path, seed):
     return train.save_model(model, tcfg, fold_dir / f"stage{done[-1]}.keras"), done[-1], planned, False
 
 
-def export(run_root, jobs, out, plan, params_path) -> None:
+def export(run_root, jobs, out, plan, params_path, max_mib: float = 15.0) -> None:
     """Weights as float16 conv kernels (+ float32 rest) per job, and the logs, into ``out``.
 
-    Each ``f<fold>s<seed>.npz`` also holds ``complete``, ``finished_stages`` and ``planned_stages``
+    A job's weights beyond ``max_mib`` MiB continue in ``f<fold>s<seed>.part<k>.npz`` files
+    (:func:`_save_job`). Each ``f<fold>s<seed>.npz`` also holds ``complete``, ``finished_stages`` and ``planned_stages``
     (0: unknown): a job that did not finish (stopped at the deadline, or failed) exports its last
     finished stage, and ``plan.json`` lists it under ``partial``.
     """
@@ -281,8 +323,11 @@ def export(run_root, jobs, out, plan, params_path) -> None:
                   f"exporting stage {finished} of {planned or '?'}")
         weights = [_float32(w) for w in keras.saving.load_model(path, compile=False).get_weights()]
         arrays = {f"w{i:03d}": (w.astype(np.float16) if w.ndim == 4 else w) for i, w in enumerate(weights)}
-        np.savez_compressed(out / f"f{fold}s{seed}.npz", complete=np.bool_(complete),
-                            finished_stages=np.int64(finished or 0), planned_stages=np.int64(planned or 0), **arrays)
+        meta = {"complete": np.bool_(complete), "finished_stages": np.int64(finished or 0),
+                "planned_stages": np.int64(planned or 0)}
+        paths = _save_job(out, fold, seed, arrays, meta, max_mib)
+        if len(paths) > 1:
+            print(f"job {fold}:{seed}: weights in {len(paths)} files ({', '.join(p.name for p in paths)})")
 
 
 def _float32(w: np.ndarray) -> np.ndarray:
@@ -333,13 +378,14 @@ def unpack(args) -> None:
     folds = data.kfold(ds, cfg["n_folds"], split_seed)
     out = Path(args.out)
     rows = []
-    for npz in sorted(Path(args.weights).glob("f*s*.npz")):
+    jobs = sorted(p for p in Path(args.weights).glob("f*s*.npz") if re.fullmatch(r"f\d+s\d+\.npz", p.name))
+    for npz in jobs:
         fold, seed = (int(v) for v in npz.stem[1:].split("s"))
-        z = np.load(npz)
+        z = _load_job(npz)
         model = train.build_model(tcfg, for_inference=True)  # the exported model.keras's layers
         model.set_weights(_weights_in_order(z))
-        finished, planned = (int(z[k]) if k in z.files else 0 for k in ("finished_stages", "planned_stages"))
-        partial = "complete" in z.files and not bool(z["complete"])  # did not finish: its last finished stage
+        finished, planned = (int(z[k]) if k in z else 0 for k in ("finished_stages", "planned_stages"))
+        partial = "complete" in z and not bool(z["complete"])  # did not finish: its last finished stage
         # not a fold folder (no done.json, another name): `salt run --resume` must not take it as finished
         dest = out / f"s{seed}" / (f"fold{fold}-stage{finished}" if partial else f"fold{fold}")
         dest.mkdir(parents=True, exist_ok=True)
@@ -393,6 +439,9 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", help="comma-separated epochs per stage: skip the probe and train these")
     p.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--work", default="/tmp/gpu_cv")
+    p.add_argument("--max-file-mib", type=float, default=15.0,
+                   help="largest weights file to write; a job's further weights go to f<fold>s<seed>.part<k>.npz "
+                        "(a device call returns at most 8 files of 16 MiB, 64 MiB in all)")
     p = sub.add_parser("unpack")
     for a in ("--params", "--weights", "--out"):
         p.add_argument(a, required=True)
