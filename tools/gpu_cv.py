@@ -296,9 +296,9 @@ def export(run_root, jobs, out, plan, params_path, max_mib: float = 15.0) -> Non
     """Weights as float16 conv kernels (+ float32 rest) per job, and the logs, into ``out``.
 
     A job's weights beyond ``max_mib`` MiB continue in ``f<fold>s<seed>.part<k>.npz`` files
-    (:func:`_save_job`). Each ``f<fold>s<seed>.npz`` also holds ``complete``, ``finished_stages`` and ``planned_stages``
-    (0: unknown): a job that did not finish (stopped at the deadline, or failed) exports its last
-    finished stage, and ``plan.json`` lists it under ``partial``.
+    (:func:`_save_job`). Each ``f<fold>s<seed>.npz`` also holds ``complete``, ``finished_stages``
+    and ``planned_stages`` (0: unknown): a job that did not finish (stopped at the deadline, or
+    failed) exports its last finished stage, and ``plan.json`` lists it under ``partial``.
     """
     import keras
 
