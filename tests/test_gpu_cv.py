@@ -202,3 +202,30 @@ def test_a_missing_part_is_named(gpu_cv, tmp_path):
     paths[1].unlink()
     with pytest.raises(SystemExit, match=r"f0s42\.npz: its weights continue in f0s42\.part1\.npz, which is missing"):
         gpu_cv._load_job(paths[0])
+
+
+def test_unpack_reads_a_job_split_into_parts(gpu_cv, synthetic24, tmp_path):
+    """``unpack`` takes each job once, from its main file with the parts merged in (the part files
+    are not jobs of their own), and rebuilds the exported weights exactly."""
+    import argparse
+
+    import keras
+
+    params_path = ROOT / "params" / "smoke.yaml"
+    _, tcfg, _ = gpu_cv._config(params_path, 7)
+    keras.utils.set_random_seed(5)
+    weights = train.build_model(tcfg, for_inference=True).get_weights()
+    arrays = {f"w{i:03d}": (w.astype(np.float16) if w.ndim == 4 else w) for i, w in enumerate(weights)}
+    meta = {"complete": np.bool_(False), "finished_stages": np.int64(2), "planned_stages": np.int64(3)}
+    out = tmp_path / "weights"
+    out.mkdir()
+    paths = gpu_cv._save_job(out, 1, 7, arrays, meta, max_mib=0.002)
+    assert len(paths) > 2
+    args = argparse.Namespace(params=str(params_path), weights=str(out), out=str(tmp_path / "folds"),
+                              hardware="one test GPU", data_dir=str(synthetic24.root))
+    gpu_cv.unpack(args)
+    (row,) = json.loads((tmp_path / "folds" / "scores.json").read_text())
+    assert row["fold"] == 1 and row["seed"] == 7 and row["partial"] == "stage 2 of 3"
+    saved = keras.saving.load_model(tmp_path / "folds" / "s7" / "fold1-stage2" / "model.keras", compile=False)
+    for got, sent in zip(saved.get_weights(), arrays.values()):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), sent.astype(np.float32))

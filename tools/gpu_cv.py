@@ -118,6 +118,15 @@ def _weights_in_order(z) -> list:
     return [_float32(z[k]) for k in sorted((k for k in z if k[0] == "w"), key=lambda k: int(k[1:]))]
 
 
+MAX_FILE_MIB = 15.0  # a device call returns files of up to 16 MiB
+JOB_FILE = re.compile(r"f(\d+)s(\d+)\.npz")  # one job's main weights file: f<fold>s<seed>.npz
+
+
+def _part_path(main: Path, k: int) -> Path:
+    """Where part ``k`` (1, 2, ...) of the job whose main file is ``main`` continues."""
+    return main.with_name(f"{main.stem}.part{k}.npz")
+
+
 def _save_job(out, fold, seed, arrays: dict, meta: dict, max_mib: float) -> list[Path]:
     """Write one job's arrays as ``f<fold>s<seed>.npz`` (with ``meta`` and ``n_parts``) and, where they
     hold more than ``max_mib`` MiB, the rest as ``f<fold>s<seed>.part<k>.npz`` (k = 1, 2, ...), each at
@@ -135,7 +144,8 @@ def _save_job(out, fold, seed, arrays: dict, meta: dict, max_mib: float) -> list
             size = 0
         parts[-1][key] = a
         size += a.nbytes
-    paths = [out / f"f{fold}s{seed}.npz"] + [out / f"f{fold}s{seed}.part{k}.npz" for k in range(1, len(parts))]
+    main = out / f"f{fold}s{seed}.npz"
+    paths = [main] + [_part_path(main, k) for k in range(1, len(parts))]
     np.savez_compressed(paths[0], n_parts=np.int64(len(parts)), **meta, **parts[0])
     for path, part in zip(paths[1:], parts[1:]):
         np.savez_compressed(path, **part)
@@ -148,7 +158,7 @@ def _load_job(path) -> dict:
     path = Path(path)
     z = dict(np.load(path))
     for k in range(1, int(z.pop("n_parts", 1))):
-        part = path.with_name(f"{path.stem}.part{k}.npz")
+        part = _part_path(path, k)
         if not part.is_file():
             raise SystemExit(f"{path}: its weights continue in {part.name}, which is missing "
                              f"(copy every f*s*.part*.npz the device call returned)")
@@ -292,7 +302,7 @@ def _finished_model(fold_dir, params_path, seed):
     return train.save_model(model, tcfg, fold_dir / f"stage{done[-1]}.keras"), done[-1], planned, False
 
 
-def export(run_root, jobs, out, plan, params_path, max_mib: float = 15.0) -> None:
+def export(run_root, jobs, out, plan, params_path, max_mib: float = MAX_FILE_MIB) -> None:
     """Weights as float16 conv kernels (+ float32 rest) per job, and the logs, into ``out``.
 
     A job's weights beyond ``max_mib`` MiB continue in ``f<fold>s<seed>.part<k>.npz`` files
@@ -378,9 +388,11 @@ def unpack(args) -> None:
     folds = data.kfold(ds, cfg["n_folds"], split_seed)
     out = Path(args.out)
     rows = []
-    jobs = sorted(p for p in Path(args.weights).glob("f*s*.npz") if re.fullmatch(r"f\d+s\d+\.npz", p.name))
-    for npz in jobs:
-        fold, seed = (int(v) for v in npz.stem[1:].split("s"))
+    for npz in sorted(Path(args.weights).glob("f*s*.npz")):
+        match = JOB_FILE.fullmatch(npz.name)
+        if not match:  # a part file (f<fold>s<seed>.part<k>.npz): read with its main file
+            continue
+        fold, seed = int(match[1]), int(match[2])
         z = _load_job(npz)
         model = train.build_model(tcfg, for_inference=True)  # the exported model.keras's layers
         model.set_weights(_weights_in_order(z))
@@ -439,7 +451,7 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", help="comma-separated epochs per stage: skip the probe and train these")
     p.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--work", default="/tmp/gpu_cv")
-    p.add_argument("--max-file-mib", type=float, default=15.0,
+    p.add_argument("--max-file-mib", type=float, default=MAX_FILE_MIB,
                    help="largest weights file to write; a job's further weights go to f<fold>s<seed>.part<k>.npz "
                         "(a device call returns at most 8 files of 16 MiB, 64 MiB in all)")
     p = sub.add_parser("unpack")
