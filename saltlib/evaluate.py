@@ -130,6 +130,51 @@ def score_record(truth, pred, fold_of, coverage_class) -> dict:
     }
 
 
+#: IoU bands that :func:`score_lost` splits images with salt, predicted with salt, into
+IOU_BANDS = (0.5, 0.7, 0.9, 0.95)
+
+
+def score_lost(truth, pred) -> dict:
+    """Where the score goes: each image in one kind of outcome, and how much of the score each kind loses.
+
+    The kinds, in order: no salt and none predicted; no salt but salt predicted (a false alarm:
+    each loses a whole point); salt predicted empty (a miss: a whole point); then images with salt
+    predicted with salt, by the IoU of the two masks (up to 0.5 scores 0, above 0.95 scores 1). A
+    perfect salt/no-salt decision alone would win back the false alarms' share, no more: the
+    misses also need a mask.
+
+    Args:
+        truth: ``(N,H,W)`` true masks (bool or 0/1).
+        pred: ``(N,H,W)`` predicted masks (post-processed).
+    Returns:
+        dict from kind (a string) to ``{"n", "share", "lost"}``: the number of images, their share
+        of the ``N`` images and the points of the data-set score they lose (the mean over all ``N``
+        images of ``1 - score``, counting this kind's images only). The ``lost`` values add up to
+        ``1 - competition_score(truth, pred)``. Empty dict for ``N = 0``.
+    """
+    scores, iou = metric.image_scores(truth, pred), metric.image_ious(truth, pred)
+    n = len(scores)
+    if n == 0:
+        return {}
+    t = np.asarray(truth).reshape(n, -1).astype(bool).any(axis=1)
+    p = np.asarray(pred).reshape(n, -1).astype(bool).any(axis=1)
+    both = t & p
+    lo, *mid, hi = IOU_BANDS
+    kinds = {
+        "no salt, none predicted": ~t & ~p,
+        "no salt, salt predicted": ~t & p,
+        "salt, none predicted": t & ~p,
+        f"salt, IoU <= {lo:g}": both & (iou <= lo),
+    }
+    for a, b in zip((lo, *mid), (*mid, hi)):
+        kinds[f"salt, IoU {a:g}-{b:g}"] = both & (iou > a) & (iou <= b)
+    kinds[f"salt, IoU > {hi:g}"] = both & (iou > hi)
+    return {
+        kind: {"n": int(sel.sum()), "share": float(sel.mean()), "lost": float((1.0 - scores[sel]).sum() / n)}
+        for kind, sel in kinds.items()
+    }
+
+
 def bundle_members(models_dir, folds) -> list[Path]:
     """The model files of the given folds' ensembles, as :func:`saltlib.train.train_fold` recorded
     them in ``done.json`` (the final model and any snapshots), fold by fold.

@@ -27,6 +27,20 @@ def _as_masks(a, name: str) -> np.ndarray:
     return a.astype(bool, copy=False) if a.dtype == bool else a > 0
 
 
+def ious_from_counts(intersection, truth_area, pred_area) -> np.ndarray:
+    """Per-image IoU from pixel counts (any matching shapes); 1 where truth and prediction are both empty.
+
+    Args:
+        intersection: pixels that are salt in both truth and prediction.
+        truth_area, pred_area: salt pixels in the truth and in the prediction.
+    Returns:
+        float64 IoUs in [0, 1] with the same shape.
+    """
+    intersection = np.asarray(intersection, dtype=np.float64)
+    union = np.asarray(truth_area, dtype=np.float64) + pred_area - intersection
+    return np.divide(intersection, union, out=np.ones_like(union), where=union > 0)
+
+
 def scores_from_counts(intersection, truth_area, pred_area) -> np.ndarray:
     """Per-image scores from pixel counts (any matching shapes).
 
@@ -36,9 +50,7 @@ def scores_from_counts(intersection, truth_area, pred_area) -> np.ndarray:
     Returns:
         float64 scores in [0, 1] with the same shape.
     """
-    intersection = np.asarray(intersection, dtype=np.float64)
-    union = np.asarray(truth_area, dtype=np.float64) + pred_area - intersection
-    iou = np.divide(intersection, union, out=np.ones_like(union), where=union > 0)
+    iou = ious_from_counts(intersection, truth_area, pred_area)
     return (iou[..., None] > IOU_THRESHOLDS + 1e-12).mean(axis=-1)
 
 
@@ -50,12 +62,27 @@ def image_scores(truth, pred) -> np.ndarray:
     Returns:
         ``(N,)`` float64 scores in [0, 1].
     """
+    return scores_from_counts(*_counts_of(truth, pred))
+
+
+def image_ious(truth, pred) -> np.ndarray:
+    """IoU of each image's true and predicted salt (1 where both are empty).
+
+    Args:
+        truth, pred: ``(N,H,W)`` or ``(N,H,W,1)`` masks, bool or 0/1 (salt where > 0).
+    Returns:
+        ``(N,)`` float64 IoUs in [0, 1].
+    """
+    return ious_from_counts(*_counts_of(truth, pred))
+
+
+def _counts_of(truth, pred):
+    """``(intersection, truth_area, pred_area)`` per image, each ``(N,)``."""
     t = _as_masks(truth, "truth")
     p = _as_masks(pred, "pred")
     if t.shape != p.shape:
         raise ValueError(f"truth shape {t.shape} != pred shape {p.shape}")
-    inter = np.logical_and(t, p).sum(axis=(1, 2))
-    return scores_from_counts(inter, t.sum(axis=(1, 2)), p.sum(axis=(1, 2)))
+    return np.logical_and(t, p).sum(axis=(1, 2)), t.sum(axis=(1, 2)), p.sum(axis=(1, 2))
 
 
 def competition_score(truth, pred) -> float:

@@ -142,6 +142,10 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
     ]
     for c, row in sorted(metrics["per_coverage_class"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {c} | {row['n']} | {row['score']:.4f} |")
+    if metrics.get("score_lost"):  # runs before 2026-11-27 did not record it
+        lines += ["", "- Where the score is lost (points of the CV score, adding up to 1 - CV score):", "",
+                  "| outcome | images | score lost |", "| --- | --- | --- |"]
+        lines += [f"| {kind} | {row['n']} | {row['lost']:.4f} |" for kind, row in metrics["score_lost"].items()]
     lines += [
         "",
         "## Post-processing (bundle.json)",

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from saltlib import evaluate
+from saltlib import evaluate, metric
 
 
 def _masks():
@@ -22,6 +22,59 @@ def _masks():
     truth[3, :2, :2] = True
     pred[3, 0, :2] = True
     return truth, pred
+
+
+def _outcomes():
+    """Six 4x4 images, one per kind of outcome: empty predicted empty (score 1), empty with one
+    false pixel (0), a 4-pixel square missed (0), the square with 2 of its pixels (IoU 0.5: 0),
+    with 3 of them (IoU 0.75: 0.5), and predicted exactly (1)."""
+    truth = np.zeros((6, 4, 4), bool)
+    pred = np.zeros((6, 4, 4), bool)
+    pred[1, 3, 3] = True
+    truth[2:, :2, :2] = True
+    pred[3, 0, :2] = True
+    pred[4, :2, :2] = True
+    pred[4, 1, 1] = False
+    pred[5, :2, :2] = True
+    return truth, pred
+
+
+def test_score_lost_by_hand():
+    truth, pred = _outcomes()
+    lost = evaluate.score_lost(truth, pred)
+    assert list(lost) == [
+        "no salt, none predicted", "no salt, salt predicted", "salt, none predicted", "salt, IoU <= 0.5",
+        "salt, IoU 0.5-0.7", "salt, IoU 0.7-0.9", "salt, IoU 0.9-0.95", "salt, IoU > 0.95",
+    ]
+    n = {k: v["n"] for k, v in lost.items()}
+    assert n == {"no salt, none predicted": 1, "no salt, salt predicted": 1, "salt, none predicted": 1,
+                 "salt, IoU <= 0.5": 1, "salt, IoU 0.5-0.7": 0, "salt, IoU 0.7-0.9": 1,
+                 "salt, IoU 0.9-0.95": 0, "salt, IoU > 0.95": 1}
+    got = {k: v["lost"] for k, v in lost.items()}
+    want = {"no salt, salt predicted": 1 / 6, "salt, none predicted": 1 / 6, "salt, IoU <= 0.5": 1 / 6,
+            "salt, IoU 0.7-0.9": 0.5 / 6}  # the IoU-0.75 image scores 0.5: it loses half a point
+    assert got == pytest.approx({k: want.get(k, 0.0) for k in got}, abs=1e-12)
+    assert lost["salt, IoU 0.7-0.9"]["share"] == pytest.approx(1 / 6)
+    json.dumps(lost)  # what metrics.json holds
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_score_lost_adds_up_to_the_score(seed):
+    """Every image in exactly one kind; the losses add up to 1 - score."""
+    rng = np.random.default_rng(seed)
+    truth = rng.random((40, 8, 8)) < rng.uniform(0, 0.6, (40, 1, 1))
+    pred = np.where(rng.random((40, 1, 1)) < 0.8, truth ^ (rng.random((40, 8, 8)) < 0.1), rng.random((40, 8, 8)) < 0.3)
+    truth[:8] = False
+    pred[:4] = False
+    lost = evaluate.score_lost(truth, pred)
+    assert sum(v["n"] for v in lost.values()) == 40
+    assert sum(v["share"] for v in lost.values()) == pytest.approx(1.0)
+    assert sum(v["lost"] for v in lost.values()) == pytest.approx(1 - metric.competition_score(truth, pred), abs=1e-12)
+    assert lost["no salt, none predicted"]["lost"] == 0.0 and lost["salt, IoU > 0.95"]["lost"] == 0.0
+
+
+def test_score_lost_of_no_images():
+    assert evaluate.score_lost(np.zeros((0, 4, 4), bool), np.zeros((0, 4, 4), bool)) == {}
 
 
 def test_score_record_by_hand():

@@ -95,6 +95,17 @@ def test_hand_computed(n_truth, n_pred, n_inter, expected):
     assert ref_image_score(t, p) == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("n_truth,n_pred,n_inter,expected", HAND)
+def test_image_ious_hand_computed(n_truth, n_pred, n_inter, expected):
+    """IoU = intersection / union from the same hand cases; 1 when both masks are empty."""
+    t, p = pair(n_truth, n_pred, n_inter)
+    union = n_truth + n_pred - n_inter
+    want = 1.0 if union == 0 else n_inter / union
+    assert metric.image_ious(t[None], p[None])[0] == pytest.approx(want, abs=1e-12)
+    # and the score is the share of thresholds this IoU beats
+    assert np.mean([want > th + 1e-12 for th in metric.IOU_THRESHOLDS]) == pytest.approx(expected, abs=1e-12)
+
+
 def test_competition_score_is_mean_of_image_scores():
     pairs = [pair(*h[:3]) for h in HAND]
     truth = np.stack([a for a, _ in pairs])

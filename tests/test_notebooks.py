@@ -134,6 +134,11 @@ def test_smoke_metrics_and_run_json(smoke_ok):
     assert sum(v["n"] for v in metrics["per_coverage_class"].values()) == 32
     for key in ("threshold", "min_size", "tta", "empty_accuracy", "cv_score_untuned"):
         assert key in metrics
+    # where the score is lost: every held-out image in one outcome, the losses adding up to 1 - score
+    lost = metrics["score_lost"]
+    assert sum(v["n"] for v in lost.values()) == 32
+    assert sum(v["lost"] for v in lost.values()) == pytest.approx(1 - metrics["cv_score"], abs=1e-9)
+    assert "Where the score is lost" in (run / "03-postprocess.html").read_text()
     # each fold post-processed with the settings chosen on the other fold
     assert 0.0 <= metrics["cv_score_nested"] <= 1.0 and set(metrics["nested_choice"]) == {"0", "1"}
     assert metrics["nested_over"] == "the 2 folds"

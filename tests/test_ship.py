@@ -35,6 +35,8 @@ def test_ship_copies_bundle_and_writes_card(smoke_ok, tmp_path):
     assert "salt predict --model models/tiny" in card
     assert "fold 0:" in card and "epochs in" in card
     assert "bundle  12.5" in card
+    lost = metrics["score_lost"]["salt, none predicted"]
+    assert f"| salt, none predicted | {lost['n']} | {lost['lost']:.4f} |" in card
     shipped, original = predict.load_bundle(dest), predict.load_bundle(smoke_ok.run_dir / "bundle")
     assert (shipped.threshold, shipped.min_size, shipped.tta) == (original.threshold, original.min_size, original.tta)
     assert shipped.meta["source_run"] == "smoke" and shipped.meta["name"] == "tiny"
@@ -91,7 +93,8 @@ def test_card_names_the_hardware_of_a_fold_trained_elsewhere(smoke_ok, tmp_path)
 
 def test_card_facts_come_from_the_run_records(smoke_ok, tmp_path):
     """Data folder, limit, processor, GPUs and a dirty checkout are read from run.json (written where
-    the run trained), not assumed; a metric with no images to measure it (None) prints as n/a."""
+    the run trained), not assumed; a metric with no images to measure it (None) prints as n/a; a run
+    that did not record where the score is lost gets no table of it."""
     run = tmp_path / "run"
     shutil.copytree(smoke_ok.run_dir, run)
     info = json.loads((run / "run.json").read_text())
@@ -101,6 +104,7 @@ def test_card_facts_come_from_the_run_records(smoke_ok, tmp_path):
     info["git"]["dirty"] = True
     (run / "run.json").write_text(json.dumps(info))
     metrics = json.loads((run / "metrics.json").read_text())
+    metrics.pop("score_lost")  # as runs before 2026-11-27 recorded it
     (run / "metrics.json").write_text(json.dumps({**metrics, "empty_accuracy": None}))
     card = (ship.ship(run, "records", models_dir=tmp_path / "models") / "MODEL_CARD.md").read_text()
     line = lambda start: next(l for l in card.splitlines() if l.startswith(start))  # noqa: E731
@@ -109,6 +113,7 @@ def test_card_facts_come_from_the_run_records(smoke_ok, tmp_path):
     assert "h of training (wall time)" in line("- Hardware:") and "CPU-core-hours" not in line("- Hardware:")
     assert "uncommitted changes" in line("- Code:")
     assert "Empty images predicted empty: n/a" in card
+    assert "Where the score is lost" not in card and "| class | images | score |" in card
     assert "Flip TTA or not, the cut-off and the small-mask size were chosen" in card
     info["host"]["gpus"] = []
     (run / "run.json").write_text(json.dumps(info))
