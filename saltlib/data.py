@@ -258,6 +258,24 @@ def coverage_class(masks) -> np.ndarray:
     return np.ceil(np.round(cov * 10, 9)).astype(np.int64)
 
 
+def column_masks(masks) -> np.ndarray:
+    """Which masks are drawn as whole columns: some salt, and every column all salt or none.
+
+    Some of the training masks were labelled this way (salt from the top of the image to the bottom
+    between two vertical edges, or the whole image), a shape the seismic image often does not show.
+
+    Args:
+        masks: ``(N, H, W)`` masks, bool or 0/1 (salt where > 0).
+    Returns:
+        ``(N,)`` bool; False for an empty mask.
+    """
+    m = np.asarray(masks) > 0
+    if m.ndim != 3:
+        raise ValueError(f"masks must have shape (N,H,W), got {m.shape}")
+    any_salt, full = m.any(axis=1), m.all(axis=1)  # (N, W): columns with some salt, columns all salt
+    return any_salt.any(axis=1) & (any_salt == full).all(axis=1)
+
+
 def _read_csv(path, columns) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():

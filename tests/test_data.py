@@ -55,6 +55,30 @@ def test_coverage_and_classes(synthetic):
     np.testing.assert_array_equal(cls[cov > 0], np.ceil(cov[cov > 0] * 10 - 1e-9))
 
 
+def _column_cases():
+    """Hand-built 4x5 masks and whether each is drawn as whole columns."""
+    empty = np.zeros((4, 5), bool)
+    two_columns = empty.copy()
+    two_columns[:, 1:3] = True
+    full = np.ones((4, 5), bool)
+    short_column = two_columns.copy()
+    short_column[0, 2] = False  # one column stops a pixel short of the top
+    blob = empty.copy()
+    blob[1:3, 1:3] = True
+    rows = empty.copy()
+    rows[2:, :] = True  # whole rows are not whole columns
+    return [(empty, False), (two_columns, True), (full, True), (short_column, False), (blob, False), (rows, False)]
+
+
+def test_column_masks_by_hand():
+    cases = _column_cases()
+    masks = np.stack([m for m, _ in cases])
+    assert data.column_masks(masks).tolist() == [want for _, want in cases]
+    assert data.column_masks(masks.astype(np.uint8) * 255).tolist() == [want for _, want in cases]  # 0/255 PNG values
+    with pytest.raises(ValueError, match=r"\(N,H,W\)"):
+        data.column_masks(masks[0])
+
+
 @pytest.mark.parametrize(
     "pixels,expected",
     [(0, 0), (1, 1), (1020, 1), (1021, 2), (5100, 5), (5101, 6), (10201, 10)],
@@ -524,6 +548,7 @@ def test_real_training_set(real_data):
     black = int((ds.images.reshape(len(ds), -1).max(axis=1) == 0).sum())
     assert black == 70
     assert not ds.masks[ds.images.reshape(len(ds), -1).max(axis=1) == 0].any()  # black -> empty
+    assert int(data.column_masks(ds.masks).sum()) == 95  # drawn as whole columns (counted 2026-11-27)
     assert np.isfinite(ds.depths).all() and 50 <= ds.depths.min() and ds.depths.max() <= 959
     folds = data.kfold(ds, 5, 42)
     np.testing.assert_array_equal(folds, data.kfold(ds, 5, 42))

@@ -20,7 +20,7 @@ import numpy as np
 import papermill
 import pytest
 
-from saltlib import params, rle, runner
+from saltlib import data, params, rle, runner
 
 NOTEBOOK_PATHS = [runner.NOTEBOOKS_DIR / f"{nb}.ipynb" for nb in runner.NOTEBOOKS]
 
@@ -121,6 +121,10 @@ def test_smoke_run_folder(smoke_ok):
         assert (run / f).is_file(), f"missing {f}"
     assert (smoke_ok.runs_dir / "index.html").is_file()
     assert "smoke/index.html" in (smoke_ok.runs_dir / "index.html").read_text()
+    eda = json.loads((run / "eda.json").read_text())
+    masks = data.load_train(smoke_ok.data_dir, limit=48).masks
+    assert eda["n_images"] == 48 and eda["n_column_masks"] == int(data.column_masks(masks).sum())
+    assert "Masks drawn as whole columns" in (run / "01-eda.html").read_text()
 
 
 @pytest.mark.slow
