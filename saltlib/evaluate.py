@@ -134,7 +134,7 @@ def score_record(truth, pred, fold_of, coverage_class) -> dict:
 IOU_BANDS = (0.5, 0.7, 0.9, 0.95)
 
 
-def score_lost(truth, pred) -> dict:
+def score_lost(truth, pred) -> list[dict]:
     """Where the score goes: each image in one kind of outcome, and how much of the score each kind loses.
 
     The kinds, in order: no salt and none predicted; no salt but salt predicted (a false alarm:
@@ -147,15 +147,16 @@ def score_lost(truth, pred) -> dict:
         truth: ``(N,H,W)`` true masks (bool or 0/1).
         pred: ``(N,H,W)`` predicted masks (post-processed).
     Returns:
-        dict from kind (a string) to ``{"n", "share", "lost"}``: the number of images, their share
-        of the ``N`` images and the points of the data-set score they lose (the mean over all ``N``
-        images of ``1 - score``, counting this kind's images only). The ``lost`` values add up to
-        ``1 - competition_score(truth, pred)``. Empty dict for ``N = 0``.
+        one row per kind, in the order above (a list, so JSON keeps the order): ``{"outcome", "n",
+        "share", "lost"}``, the kind, the number of images, their share of the ``N`` images and the
+        points of the data-set score they lose (the mean over all ``N`` images of ``1 - score``,
+        counting this kind's images only). The ``lost`` values add up to
+        ``1 - competition_score(truth, pred)``. Empty for ``N = 0``.
     """
     scores, iou = metric.image_scores(truth, pred), metric.image_ious(truth, pred)
     n = len(scores)
     if n == 0:
-        return {}
+        return []
     t = np.asarray(truth).reshape(n, -1).astype(bool).any(axis=1)
     p = np.asarray(pred).reshape(n, -1).astype(bool).any(axis=1)
     both = t & p
@@ -169,10 +170,10 @@ def score_lost(truth, pred) -> dict:
     for a, b in zip((lo, *mid), (*mid, hi)):
         kinds[f"salt, IoU {a:g}-{b:g}"] = both & (iou > a) & (iou <= b)
     kinds[f"salt, IoU > {hi:g}"] = both & (iou > hi)
-    return {
-        kind: {"n": int(sel.sum()), "share": float(sel.mean()), "lost": float((1.0 - scores[sel]).sum() / n)}
+    return [
+        {"outcome": kind, "n": int(sel.sum()), "share": float(sel.mean()), "lost": float((1.0 - scores[sel]).sum() / n)}
         for kind, sel in kinds.items()
-    }
+    ]
 
 
 def bundle_members(models_dir, folds) -> list[Path]:

@@ -145,7 +145,7 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
     if metrics.get("score_lost"):  # runs before 2026-11-27 did not record it
         lines += ["", "- Where the score is lost (points of the CV score, adding up to 1 - CV score):", "",
                   "| outcome | images | score lost |", "| --- | --- | --- |"]
-        lines += [f"| {kind} | {row['n']} | {row['lost']:.4f} |" for kind, row in metrics["score_lost"].items()]
+        lines += [f"| {row['outcome']} | {row['n']} | {row['lost']:.4f} |" for row in metrics["score_lost"]]
     lines += [
         "",
         "## Post-processing (bundle.json)",
@@ -256,6 +256,10 @@ def check_section(result: dict) -> str:
         + (f" ({r['nested_no_gates']:.4f} with no gate in the grid)" if r.get("nested_no_gates") is not None else "")
         + f". Models {r['matched']}; {r['checked']}."
     )
+    if r.get("score_lost"):  # checks before 2026-11-27 did not record it
+        lines += ["", "Where the score is lost as shipped (points of the score, adding up to 1 - score):", "",
+                  "| outcome | images | score lost |", "| --- | --- | --- |"]
+        lines += [f"| {row['outcome']} | {row['n']} | {row['lost']:.4f} |" for row in r["score_lost"]]
     return "\n".join(lines + [CHECK_END]) + "\n"
 
 

@@ -129,6 +129,13 @@ def test_write_records_the_result_in_the_bundle(smoke_ok, new_bundle, tmp_path):
     assert recorded["nested_gates"] and recorded["nested_no_gates"] is not None  # smoke.yaml's grid has gates
     card = (dest / "MODEL_CARD.md").read_text()
     assert ship.check_section(recorded) in card and card.index(ship.CHECK_END) < card.index("## Post-processing")
+    lost = recorded["score_lost"]  # where the score is lost as shipped: adds up to 1 - score
+    assert lost == result["score_lost"]  # in order, through the JSON file
+    assert sum(row["n"] for row in lost) == recorded["n_images"]
+    assert sum(row["lost"] for row in lost) == pytest.approx(1 - recorded["shipped"], abs=1e-9)
+    assert "\n".join(f"| {row['outcome']} | {row['n']} | {row['lost']:.4f} |" for row in lost) in card
+    older = {k: v for k, v in recorded.items() if k != "score_lost"}  # a check recorded before 2026-11-27
+    assert "Where the score is lost" not in ship.check_section(older)
     predict.load_bundle(dest)  # the bundle still loads (its models' digests are unchanged)
 
 

@@ -41,7 +41,7 @@ def _outcomes():
 
 def test_score_lost_by_hand():
     truth, pred = _outcomes()
-    lost = evaluate.score_lost(truth, pred)
+    lost = {row.pop("outcome"): row for row in evaluate.score_lost(truth, pred)}
     assert list(lost) == [
         "no salt, none predicted", "no salt, salt predicted", "salt, none predicted", "salt, IoU <= 0.5",
         "salt, IoU 0.5-0.7", "salt, IoU 0.7-0.9", "salt, IoU 0.9-0.95", "salt, IoU > 0.95",
@@ -55,7 +55,8 @@ def test_score_lost_by_hand():
             "salt, IoU 0.7-0.9": 0.5 / 6}  # the IoU-0.75 image scores 0.5: it loses half a point
     assert got == pytest.approx({k: want.get(k, 0.0) for k in got}, abs=1e-12)
     assert lost["salt, IoU 0.7-0.9"]["share"] == pytest.approx(1 / 6)
-    json.dumps(lost)  # what metrics.json holds
+    rows = evaluate.score_lost(truth, pred)
+    assert json.loads(json.dumps(rows, sort_keys=True)) == rows  # metrics.json keeps it, in order
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -66,7 +67,7 @@ def test_score_lost_adds_up_to_the_score(seed):
     pred = np.where(rng.random((40, 1, 1)) < 0.8, truth ^ (rng.random((40, 8, 8)) < 0.1), rng.random((40, 8, 8)) < 0.3)
     truth[:8] = False
     pred[:4] = False
-    lost = evaluate.score_lost(truth, pred)
+    lost = {row.pop("outcome"): row for row in evaluate.score_lost(truth, pred)}
     assert sum(v["n"] for v in lost.values()) == 40
     assert sum(v["share"] for v in lost.values()) == pytest.approx(1.0)
     assert sum(v["lost"] for v in lost.values()) == pytest.approx(1 - metric.competition_score(truth, pred), abs=1e-12)
@@ -74,7 +75,7 @@ def test_score_lost_adds_up_to_the_score(seed):
 
 
 def test_score_lost_of_no_images():
-    assert evaluate.score_lost(np.zeros((0, 4, 4), bool), np.zeros((0, 4, 4), bool)) == {}
+    assert evaluate.score_lost(np.zeros((0, 4, 4), bool), np.zeros((0, 4, 4), bool)) == []
 
 
 def test_score_record_by_hand():

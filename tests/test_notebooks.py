@@ -140,8 +140,9 @@ def test_smoke_metrics_and_run_json(smoke_ok):
         assert key in metrics
     # where the score is lost: every held-out image in one outcome, the losses adding up to 1 - score
     lost = metrics["score_lost"]
-    assert sum(v["n"] for v in lost.values()) == 32
-    assert sum(v["lost"] for v in lost.values()) == pytest.approx(1 - metrics["cv_score"], abs=1e-9)
+    assert [row["outcome"] for row in lost][:3] == ["no salt, none predicted", "no salt, salt predicted", "salt, none predicted"]
+    assert sum(row["n"] for row in lost) == 32
+    assert sum(row["lost"] for row in lost) == pytest.approx(1 - metrics["cv_score"], abs=1e-9)
     assert "Where the score is lost" in (run / "03-postprocess.html").read_text()
     # each fold post-processed with the settings chosen on the other fold
     assert 0.0 <= metrics["cv_score_nested"] <= 1.0 and set(metrics["nested_choice"]) == {"0", "1"}

@@ -35,8 +35,8 @@ def test_ship_copies_bundle_and_writes_card(smoke_ok, tmp_path):
     assert "salt predict --model models/tiny" in card
     assert "fold 0:" in card and "epochs in" in card
     assert "bundle  12.5" in card
-    lost = metrics["score_lost"]["salt, none predicted"]
-    assert f"| salt, none predicted | {lost['n']} | {lost['lost']:.4f} |" in card
+    rows = [f"| {row['outcome']} | {row['n']} | {row['lost']:.4f} |" for row in metrics["score_lost"]]
+    assert "\n".join(rows) in card  # every outcome, in order
     shipped, original = predict.load_bundle(dest), predict.load_bundle(smoke_ok.run_dir / "bundle")
     assert (shipped.threshold, shipped.min_size, shipped.tta) == (original.threshold, original.min_size, original.tta)
     assert shipped.meta["source_run"] == "smoke" and shipped.meta["name"] == "tiny"

@@ -143,6 +143,7 @@ def main(argv=None) -> dict:
         "untuned": metric.competition_score(truth, oof["plain"] > 0),
         "card": meta.get("cv_score"),
         "nested": None,
+        "score_lost": evaluate.score_lost(truth, pred),
     }
     print(f"{bundle.describe()}")
     print(f"{len(truth)} held-out images of folds {list(members)} ({ds.root}); models {matched}; {checked}")
@@ -152,6 +153,8 @@ def main(argv=None) -> dict:
           + (f"; bundle.json records {result['card']:.4f} over folds {tuned_on}, from the training-time logits)"
              if result["card"] is not None else ")"))
     print(f"untuned (logit 0, no TTA, no size filter): {result['untuned']:.4f}")
+    print("score lost as shipped: " + "; ".join(f"{row['outcome']} {row['n']} images, {row['lost']:.4f}"
+                                                  for row in result["score_lost"] if row["n"]))
     groups, over = evaluate.nesting_groups(fold_col, ds.coverage_class[oof["idx"]], meta["seed"])
     gates = [] if args.no_gates else cfg["peak_gates"]
     candidates = {"plain": oof["plain"], "flip TTA": oof["flip TTA"]}
