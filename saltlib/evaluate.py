@@ -157,8 +157,8 @@ def score_lost(truth, pred) -> list[dict]:
     n = len(scores)
     if n == 0:
         return []
-    t = np.asarray(truth).reshape(n, -1).astype(bool).any(axis=1)
-    p = np.asarray(pred).reshape(n, -1).astype(bool).any(axis=1)
+    t = (np.asarray(truth).reshape(n, -1) > 0).any(axis=1)  # salt where > 0, as the metric reads masks
+    p = (np.asarray(pred).reshape(n, -1) > 0).any(axis=1)
     both = t & p
     lo, *mid, hi = IOU_BANDS
     kinds = {
