@@ -153,12 +153,12 @@ def score_lost(truth, pred) -> list[dict]:
         counting this kind's images only). The ``lost`` values add up to
         ``1 - competition_score(truth, pred)``. Empty for ``N = 0``.
     """
-    scores, iou = metric.image_scores(truth, pred), metric.image_ious(truth, pred)
+    counts = metric.pixel_counts(truth, pred)  # one pass over the masks, read as the metric reads them
+    scores, iou = metric.scores_from_counts(*counts), metric.ious_from_counts(*counts)
     n = len(scores)
     if n == 0:
         return []
-    t = (np.asarray(truth).reshape(n, -1) > 0).any(axis=1)  # salt where > 0, as the metric reads masks
-    p = (np.asarray(pred).reshape(n, -1) > 0).any(axis=1)
+    t, p = counts[1] > 0, counts[2] > 0  # salt in the truth, in the prediction
     both = t & p
     lo, *mid, hi = IOU_BANDS
     kinds = {

@@ -62,22 +62,17 @@ def image_scores(truth, pred) -> np.ndarray:
     Returns:
         ``(N,)`` float64 scores in [0, 1].
     """
-    return scores_from_counts(*_counts_of(truth, pred))
+    return scores_from_counts(*pixel_counts(truth, pred))
 
 
-def image_ious(truth, pred) -> np.ndarray:
-    """IoU of each image's true and predicted salt (1 where both are empty).
+def pixel_counts(truth, pred) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Salt pixels per image: ``(intersection, truth_area, pred_area)``, each ``(N,)`` int.
+
+    What :func:`scores_from_counts` and :func:`ious_from_counts` take, read from the masks once.
 
     Args:
         truth, pred: ``(N,H,W)`` or ``(N,H,W,1)`` masks, bool or 0/1 (salt where > 0).
-    Returns:
-        ``(N,)`` float64 IoUs in [0, 1].
     """
-    return ious_from_counts(*_counts_of(truth, pred))
-
-
-def _counts_of(truth, pred):
-    """``(intersection, truth_area, pred_area)`` per image, each ``(N,)``."""
     t = _as_masks(truth, "truth")
     p = _as_masks(pred, "pred")
     if t.shape != p.shape:

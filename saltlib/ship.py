@@ -82,6 +82,13 @@ def _data_sentence(info: dict) -> str:
             f" (data fingerprint sha256 {str(d.get('sha256'))[:16]}…, in `run.json`, copied here).")
 
 
+def _score_lost_table(heading: str, rows: list) -> list:
+    """Markdown lines: a blank line, ``heading`` and the table of :func:`saltlib.evaluate.score_lost`'s ``rows``."""
+    return ["", heading, "", "| outcome | images | score lost |", "| --- | --- | --- |"] + [
+        f"| {row['outcome']} | {row['n']} | {row['lost']:.4f} |" for row in rows
+    ]
+
+
 def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
     """The Markdown model card of a finished run.
 
@@ -143,9 +150,8 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
     for c, row in sorted(metrics["per_coverage_class"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {c} | {row['n']} | {row['score']:.4f} |")
     if metrics.get("score_lost"):  # runs before 2026-11-27 did not record it
-        lines += ["", "- Where the score is lost (points of the CV score, adding up to 1 - CV score):", "",
-                  "| outcome | images | score lost |", "| --- | --- | --- |"]
-        lines += [f"| {row['outcome']} | {row['n']} | {row['lost']:.4f} |" for row in metrics["score_lost"]]
+        lines += _score_lost_table("- Where the score is lost (points of the CV score, adding up to 1 - CV score):",
+                                   metrics["score_lost"])
     lines += [
         "",
         "## Post-processing (bundle.json)",
@@ -257,9 +263,8 @@ def check_section(result: dict) -> str:
         + f". Models {r['matched']}; {r['checked']}."
     )
     if r.get("score_lost"):  # checks before 2026-11-27 did not record it
-        lines += ["", "Where the score is lost as shipped (points of the score, adding up to 1 - score):", "",
-                  "| outcome | images | score lost |", "| --- | --- | --- |"]
-        lines += [f"| {row['outcome']} | {row['n']} | {row['lost']:.4f} |" for row in r["score_lost"]]
+        lines += _score_lost_table("Where the score is lost as shipped (points of the score, adding up to 1 - score):",
+                                   r["score_lost"])
     return "\n".join(lines + [CHECK_END]) + "\n"
 
 

@@ -96,12 +96,14 @@ def test_hand_computed(n_truth, n_pred, n_inter, expected):
 
 
 @pytest.mark.parametrize("n_truth,n_pred,n_inter,expected", HAND)
-def test_image_ious_hand_computed(n_truth, n_pred, n_inter, expected):
+def test_ious_from_pixel_counts_hand_computed(n_truth, n_pred, n_inter, expected):
     """IoU = intersection / union from the same hand cases; 1 when both masks are empty."""
     t, p = pair(n_truth, n_pred, n_inter)
     union = n_truth + n_pred - n_inter
     want = 1.0 if union == 0 else n_inter / union
-    assert metric.image_ious(t[None], p[None])[0] == pytest.approx(want, abs=1e-12)
+    counts = metric.pixel_counts(t[None], p[None])
+    assert [int(c[0]) for c in counts] == [n_inter, n_truth, n_pred]
+    assert metric.ious_from_counts(*counts)[0] == pytest.approx(want, abs=1e-12)
     # and the score is the share of thresholds this IoU beats
     assert np.mean([want > th + 1e-12 for th in metric.IOU_THRESHOLDS]) == pytest.approx(expected, abs=1e-12)
 
