@@ -548,7 +548,15 @@ def test_real_training_set(real_data):
     black = int((ds.images.reshape(len(ds), -1).max(axis=1) == 0).sum())
     assert black == 70
     assert not ds.masks[ds.images.reshape(len(ds), -1).max(axis=1) == 0].any()  # black -> empty
-    assert int(data.column_masks(ds.masks).sum()) == 95  # drawn as whole columns (counted 2026-11-27)
+    # drawn as whole columns, read independently from train.csv: in the column-major RLE such a mask is
+    # runs that each start at the top of a column and cover whole columns
+    def whole_columns(rle):
+        pairs = [int(v) for v in rle.split()]
+        return bool(pairs) and all((a - 1) % 101 == 0 and n % 101 == 0 for a, n in zip(pairs[::2], pairs[1::2]))
+
+    csv = pd.read_csv(real_data / "train.csv", dtype=str, keep_default_na=False).set_index("id")
+    by_rle = {i for i in ds.ids if whole_columns(csv.loc[i, "rle_mask"])}
+    assert set(ds.ids[data.column_masks(ds.masks)]) == by_rle and len(by_rle) == 95
     assert np.isfinite(ds.depths).all() and 50 <= ds.depths.min() and ds.depths.max() <= 959
     folds = data.kfold(ds, 5, 42)
     np.testing.assert_array_equal(folds, data.kfold(ds, 5, 42))

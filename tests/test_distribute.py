@@ -14,7 +14,7 @@ import socket
 import pandas as pd
 import pytest
 
-pytest.importorskip("tensorflow")
+import tensorflow as tf  # noqa: F401  (a hard dependency: a broken install fails, never skips)
 
 from conftest import run_python  # noqa: E402
 from saltlib import distribute  # noqa: E402

@@ -104,8 +104,8 @@ def test_ious_from_pixel_counts_hand_computed(n_truth, n_pred, n_inter, expected
     counts = metric.pixel_counts(t[None], p[None])
     assert [int(c[0]) for c in counts] == [n_inter, n_truth, n_pred]
     assert metric.ious_from_counts(*counts)[0] == pytest.approx(want, abs=1e-12)
-    # and the score is the share of thresholds this IoU beats
-    assert np.mean([want > th + 1e-12 for th in metric.IOU_THRESHOLDS]) == pytest.approx(expected, abs=1e-12)
+    # and the score from the same counts is the hand-computed one
+    assert metric.scores_from_counts(*counts)[0] == pytest.approx(expected, abs=1e-12)
 
 
 def test_competition_score_is_mean_of_image_scores():

@@ -211,7 +211,7 @@ def test_salt_runs_lists_the_smoke_run(smoke_ok, capsys):
 
 # --------------------------------------------------------------------------- shared figures
 def test_viz_figures_draw_edge_cases():
-    """Every helper draws without error on empty, partial and full masks (Agg backend, no display)."""
+    """Every helper draws what it says on empty, partial and full masks (Agg backend, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,20 +229,50 @@ def test_viz_figures_draw_edge_cases():
     preds[1, 40:] = True
     preds[3] = True  # full prediction: framed, since it has no contour
     fig = viz.gallery(images, masks, preds, titles=[str(i) for i in range(5)], ncols=3, suptitle="t")
-    assert len(fig.axes) == 6
-    cov = masks.reshape(5, -1).mean(1)
-    viz.coverage_histogram(cov)
-    viz.depth_vs_coverage(np.array([100.0, 200, 300, np.nan, 500]), cov)
-    viz.depth_vs_coverage(np.full(5, 7.0), cov)  # a single depth: no bins
-    viz.intensity_histograms(images[:0], masks[:0])  # no images (a limit whose subset is all black)
-    viz.intensity_histograms(images, masks)
+    ax = fig.axes
+    assert len(ax) == 6 and not ax[5].axison and [a.get_title() for a in ax[:5]] == ["0", "1", "2", "3", "4"]
+    assert [len(a.images) for a in ax[:5]] == [1, 2, 2, 1, 1]  # the true mask is a second image where there is salt
+    assert [len(a.lines) for a in ax[:5]] == [0, 0, 0, 1, 0]  # the full prediction's frame
+    assert len(ax[1].collections) > 0 and not any(len(a.collections) for a in (ax[0], ax[2], ax[3], ax[4]))  # contour
+
+    cov = masks.reshape(5, -1).mean(1)  # 0, 51/101, 1, 0, 0
+    hist_ax = viz.coverage_histogram(cov).axes[0]
+    heights = [r.get_height() for r in hist_ax.patches]
+    assert sum(heights[:-1]) == 2 and heights[-1] == 3  # 2 images with salt in the histogram, 3 empty in the bar
+    assert [t.get_text() for t in hist_ax.get_legend().get_texts()] == ["with salt (2)", "empty (3)"]
+
+    # 4 finite depths in 4 different bins (100, 200, 300 and 500 over 100..500): 4 means; NaN left out
+    means = viz.depth_vs_coverage(np.array([100.0, 200, 300, np.nan, 500]), cov).axes[0].lines
+    assert len(means) == 1 and np.allclose(means[0].get_ydata(), cov[[0, 1, 2, 4]])
+    assert not viz.depth_vs_coverage(np.full(5, 7.0), cov).axes[0].lines  # a single depth: no bins
+
+    fig = viz.intensity_histograms(images[:0], masks[:0])  # no images (a limit whose subset is all black)
+    assert fig.axes[1].get_legend() is None
+    fig = viz.intensity_histograms(images, masks)
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["salt pixels", "other pixels"]
+
     hist = pd.DataFrame({"stage": [1, 1, 2, 2], "epoch": [1, 2, 1, 2], "loss": [0.7, 0.5, 1.2, 1.0],
                          "lr": [1e-3, 1e-4, 1e-3, 1e-5], "val_score": [np.nan, 0.4, np.nan, 0.6]})
-    viz.learning_curves({0: hist, 1: hist.assign(val_score=np.nan)})
+    loss_ax, val_ax, _ = viz.learning_curves({0: hist, 1: hist.assign(val_score=np.nan)}).axes
+    assert len(loss_ax.lines) == 4  # two folds' losses, and each fold's stage boundary at epoch 2.5
+    assert sorted(line.get_xdata()[0] for line in loss_ax.lines if line.get_label().startswith("_")) == [2.5, 2.5]
+    curves = [line for line in val_ax.lines if line.get_label() == "fold 0"]  # fold 1 has no validation score
+    assert len(curves) == 1 and list(curves[0].get_ydata()) == [0.4, 0.6]
+    assert not any(line.get_label() == "fold 1" for line in val_ax.lines)
+
     logits = rng.normal(size=(5, 101, 101)).astype(np.float32)
     sweep = metric.sweep_thresholds(masks, logits, np.linspace(-1, 1, 5), (0, 10))
-    viz.threshold_curves({"plain": sweep, "flip TTA": sweep}, chosen={"label": "plain", **sweep})
+    panels = viz.threshold_curves({"plain": sweep, "flip TTA": sweep}, chosen={"label": "plain", **sweep}).axes
+    assert [[line.get_label() for line in a.lines] for a in panels] == [
+        ["min size 0", "min size 10", "chosen"], ["min size 0", "min size 10"]]
+
     table = pd.DataFrame({"n": [3, 1, 1], "score": [1.0, 0.2, 0.5]}, index=[0, 1, 10])
-    viz.score_by_class(table)
-    viz.coverage_comparison({"a": cov, "b": cov[:2]})
+    bar_ax = viz.score_by_class(table).axes[0]
+    assert [r.get_height() for r in bar_ax.patches] == [1.0, 0.2, 0.5]
+    assert [t.get_text() for t in bar_ax.texts] == ["3", "1", "1"]
+    assert [t.get_text() for t in bar_ax.get_xticklabels()] == ["empty", "0-10%", "90-100%"]
+
+    share_ax = viz.coverage_comparison({"a": cov, "b": cov[:2]}).axes[0]
+    bars = share_ax.containers
+    assert len(bars) == 2 and all(sum(r.get_height() for r in c) == pytest.approx(1.0) for c in bars)
     plt.close("all")

@@ -25,6 +25,7 @@ def test_environment_yml_pins_what_pyproject_pins():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     wanted = _pins(project["dependencies"] + project["optional-dependencies"]["test"])
+    assert {"keras", "numpy", "papermill"} <= set(wanted)  # the pattern read the pins
     assert _pins(pip) == wanted
     assert "-e ." in pip  # the project itself, editable, as make setup installs it
     python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))

@@ -117,7 +117,8 @@ def test_postprocess_peak_gate(gate, kept):
     m = predict.postprocess(logits, threshold=0.0, peak_gate=gate)
     assert [bool(x) for x in m.any(axis=(1, 2))] == kept
     assert all(m[k].sum() == 9 for k in range(3) if kept[k])  # the gate empties whole images only
-    # the gate and the small-mask size act together
+    # the gate and the small-mask size act together: a 9-pixel patch passes min_size 9, not 10
+    assert [bool(x) for x in predict.postprocess(logits, 0.0, min_size=9, peak_gate=gate).any(axis=(1, 2))] == kept
     assert not predict.postprocess(logits, 0.0, min_size=10, peak_gate=gate).any()
 
 
@@ -201,19 +202,26 @@ def test_bundle_peak_gate_round_trip(models, tmp_path):
     """Written, read back and applied; a bundle without the key (as before the gate existed)
     loads with the gate off."""
     paths, _ = models
-    d = predict.write_bundle(tmp_path / "g", paths, 0.05, 3, True, peak_gate=1.25)
-    assert json.loads((d / "bundle.json").read_text())["peak_gate"] == 1.25
-    b = predict.load_bundle(d)
-    assert b.peak_gate == 1.25 and "peak_gate=1.25" in b.describe()
     x = tiny_images(4)
-    np.testing.assert_array_equal(b.predict_masks(x), predict.postprocess(b.predict_logits(x), 0.05, 3, 1.25))
     plain = predict.write_bundle(tmp_path / "p", paths, 0.05, 3, True)
     assert "peak_gate" not in json.loads((plain / "bundle.json").read_text())
     assert predict.load_bundle(plain).peak_gate is None
+    logits = predict.load_bundle(plain).predict_logits(x)
+    peaks = np.sort(logits.max(axis=(1, 2)))
+    gate = round(float(peaks[1] + peaks[2]) / 2, 6)  # between the 2nd and 3rd peak: gates two images of four
+    d = predict.write_bundle(tmp_path / "g", paths, 0.05, 3, True, peak_gate=gate)
+    assert json.loads((d / "bundle.json").read_text())["peak_gate"] == gate
+    b = predict.load_bundle(d)
+    assert b.peak_gate == gate and f"peak_gate={gate:g}" in b.describe()
+    gated, ungated = b.predict_masks(x), predict.postprocess(logits, 0.05, 3)
+    np.testing.assert_array_equal(gated, predict.postprocess(logits, 0.05, 3, gate))
+    gated_out = logits.max(axis=(1, 2)) <= gate
+    assert gated_out.sum() == 2 and not gated[gated_out].any() and ungated[gated_out].any()  # the gate removed salt
+    np.testing.assert_array_equal(gated[~gated_out], ungated[~gated_out])
     _edit_spec(plain, lambda s: s.update(peak_gate="high"))
     with pytest.raises(BundleError, match=r"peak_gate must be a finite number or null, got 'high'"):
         predict.load_bundle(plain)
-    with pytest.raises(BundleError, match="peak_gate"):
+    with pytest.raises(BundleError, match=r"peak_gate must be a finite number or null, got inf"):
         predict.write_bundle(tmp_path / "q", paths, 0.0, 0, False, peak_gate=float("inf"))
 
 

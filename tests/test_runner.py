@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import re
 import shutil
 import socket
 import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 
 import _smoke
@@ -97,7 +100,8 @@ def test_unparseable_parameter_line_is_refused(tmp_path, line, ok):
 
 
 def test_repo_notebooks_declare_parseable_parameters():
-    for path in sorted((runner.PROJECT_ROOT / "notebooks").glob("*.ipynb")):
+    for name in runner.NOTEBOOKS:
+        path = runner.PROJECT_ROOT / "notebooks" / f"{name}.ipynb"
         assert set(runner._declared_parameters(path)) <= set(params.SPEC), path
 
 
@@ -229,9 +233,10 @@ def test_data_fingerprint_tracks_changes(synthetic):
 
 def test_package_versions_and_git():
     v = runner.package_versions()
-    assert v["numpy"] and v["papermill"] and v["python"]
-    g = runner.git_info()
+    assert v["numpy"] == np.__version__ and v["python"] == platform.python_version() and v["papermill"]
+    g = runner.git_info()  # this checkout is a git repository
     assert set(g) == {"commit", "dirty", "branch"}
+    assert re.fullmatch("[0-9a-f]{40}", g["commit"]) and isinstance(g["dirty"], bool)
 
 
 def _git(repo, *args):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from saltlib import predict, ship
+from saltlib import data, metric, predict, ship
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -214,6 +214,11 @@ def test_notebooks_on_folds_trained_by_salt_train(smoke_ok, tmp_path):
 SHIPPED = sorted(p for p in (ROOT / "models").iterdir() if (p / "bundle.json").is_file() and not p.name.startswith("."))
 
 
+def test_a_bundle_is_shipped():
+    """The project ships at least one bundle (otherwise the checks below would silently not run)."""
+    assert SHIPPED, f"no bundle in {ROOT / 'models'}"
+
+
 @pytest.mark.parametrize("bundle_dir", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_shipped_bundles_are_complete(bundle_dir):
     """Every committed bundle: files match their sha256, models together under 25 MB, a model card
@@ -223,9 +228,9 @@ def test_shipped_bundles_are_complete(bundle_dir):
     spec = predict.read_bundle_spec(bundle_dir)
     total = 0
     for name in spec["models"]:
-        data = (bundle_dir / name).read_bytes()
-        total += len(data)
-        assert hashlib.sha256(data).hexdigest() == spec["sha256"][name], name
+        blob = (bundle_dir / name).read_bytes()
+        total += len(blob)
+        assert hashlib.sha256(blob).hexdigest() == spec["sha256"][name], name
     assert total < 25e6, f"{bundle_dir.name}: models total {total / 1e6:.1f} MB"
     card = (bundle_dir / "MODEL_CARD.md").read_text()
     assert "CV score" in card and "## Reproduce" in card
@@ -236,6 +241,20 @@ def test_shipped_bundles_are_complete(bundle_dir):
     x = np.random.default_rng(0).random((3, 101, 101, 1)).astype(np.float32)
     masks = bundle.predict_masks(x)
     assert masks.shape == (3, 101, 101) and masks.dtype == bool
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("bundle_dir", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_bundles_find_salt_in_real_images(bundle_dir, real_data):
+    """A sanity check of the stored models, not a score to report: on the first 64 labelled images
+    (most of which each model trained on) the bundle scores well above what an all-empty
+    prediction scores, and predicts salt on some images and none on others."""
+    ds = data.load_train(real_data, check_rle=False, limit=64)
+    pred = predict.load_bundle(bundle_dir).predict_masks(ds.images)
+    empty = pred.sum(axis=(1, 2)) == 0
+    baseline = metric.competition_score(ds.masks, np.zeros_like(ds.masks))
+    assert 0 < empty.sum() < len(ds)
+    assert metric.competition_score(ds.masks, pred) > baseline + 0.2
 
 
 @pytest.mark.parametrize("name", ["../outside", "a/b", ""])

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-keras = pytest.importorskip("keras")
+import keras
 
 from conftest import ROOT, assert_seeded_epochs, subprocess_env  # noqa: E402
 from saltlib import data, metric, params, train  # noqa: E402
