@@ -552,7 +552,8 @@ def test_real_training_set(real_data):
     # runs that each start at the top of a column and cover whole columns
     def whole_columns(rle):
         pairs = [int(v) for v in rle.split()]
-        return bool(pairs) and all((a - 1) % 101 == 0 and n % 101 == 0 for a, n in zip(pairs[::2], pairs[1::2]))
+        h = data.IMAGE_SIZE
+        return bool(pairs) and all((a - 1) % h == 0 and n % h == 0 for a, n in zip(pairs[::2], pairs[1::2]))
 
     csv = pd.read_csv(real_data / "train.csv", dtype=str, keep_default_na=False).set_index("id")
     by_rle = {i for i in ds.ids if whole_columns(csv.loc[i, "rle_mask"])}

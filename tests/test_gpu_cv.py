@@ -150,8 +150,7 @@ def test_a_job_stopped_at_the_deadline_exports_its_last_finished_stage(gpu_cv, s
     keras.utils.set_random_seed(4)
     model = train.build_model(tcfg)  # other weights: the export must take the last stage
     model.save_weights(stopped / "stage2.weights.h5")
-    train.save_model(model, tcfg, tmp_path / "stage2-reference.keras")  # saved here, not by the export
-    train.save_model(model, tcfg, finished / "model.keras")
+    train.save_model(model, tcfg, finished / "model.keras")  # job 0's model, and the stage-2 reference below
     plan = {"epochs": [1, 1, 1]}
     gpu_cv.export(run_root, [(0, 7), (1, 7), (2, 7)], out, plan, params_path)
     printed = capsys.readouterr().out
@@ -166,10 +165,12 @@ def test_a_job_stopped_at_the_deadline_exports_its_last_finished_stage(gpu_cv, s
     rebuilt = train.build_model(tcfg, for_inference=True)
     rebuilt.set_weights(gpu_cv._weights_in_order(z))
     x = np.random.default_rng(0).random((2, 101, 101, 1), dtype=np.float32)
-    def reference(name):
-        return train.predict_logits(keras.saving.load_model(tmp_path / name, compile=False), x)
 
-    got, want, other = train.predict_logits(rebuilt, x), reference("stage2-reference.keras"), reference("stage1-reference.keras")
+    def reference(path):  # a model this test saved, not the export
+        return train.predict_logits(keras.saving.load_model(path, compile=False), x)
+
+    got, want, other = (train.predict_logits(rebuilt, x), reference(finished / "model.keras"),
+                        reference(tmp_path / "stage1-reference.keras"))
     np.testing.assert_allclose(got, want, atol=0.05)  # conv kernels went float16
     # and not stage 1's weights: those logits are far further off than float16's rounding
     assert np.abs(got - other).mean() > 10 * np.abs(got - want).mean()

@@ -207,15 +207,16 @@ def test_bundle_peak_gate_round_trip(models, tmp_path):
     assert "peak_gate" not in json.loads((plain / "bundle.json").read_text())
     assert predict.load_bundle(plain).peak_gate is None
     logits = predict.load_bundle(plain).predict_logits(x)
-    peaks = np.sort(logits.max(axis=(1, 2)))
-    gate = round(float(peaks[1] + peaks[2]) / 2, 6)  # between the 2nd and 3rd peak: gates two images of four
+    peak = logits.max(axis=(1, 2))
+    low_to_high = np.sort(peak)
+    gate = round(float(low_to_high[1] + low_to_high[2]) / 2, 6)  # between the 2nd and 3rd peak: gates two of four
     d = predict.write_bundle(tmp_path / "g", paths, 0.05, 3, True, peak_gate=gate)
     assert json.loads((d / "bundle.json").read_text())["peak_gate"] == gate
     b = predict.load_bundle(d)
     assert b.peak_gate == gate and f"peak_gate={gate:g}" in b.describe()
     gated, ungated = b.predict_masks(x), predict.postprocess(logits, 0.05, 3)
     np.testing.assert_array_equal(gated, predict.postprocess(logits, 0.05, 3, gate))
-    gated_out = logits.max(axis=(1, 2)) <= gate
+    gated_out = peak <= gate
     assert gated_out.sum() == 2 and not gated[gated_out].any() and ungated[gated_out].any()  # the gate removed salt
     np.testing.assert_array_equal(gated[~gated_out], ungated[~gated_out])
     _edit_spec(plain, lambda s: s.update(peak_gate="high"))
