@@ -53,6 +53,15 @@ def _train_commands(name: str, folds: list, fold_diff: dict) -> list:
     return lines
 
 
+def _finetune_sentence(record: dict) -> str:
+    """How a fine-tuned fold started (``init.json``, and ``finetune.json`` of tools/pseudo_label.py)."""
+    text = (f"; **fine-tuned** from `{record['init_from']}` (SHA-256 {record['sha256'][:12]}…), whose own training"
+            " time is not counted here")
+    if record.get("n_labels"):
+        text += f", on {record['n_labels']} pseudo-labelled test images as well (`{record.get('labels')}`)"
+    return text
+
+
 def _bundle_sentence(metrics: dict) -> str:
     """Which folds' models the bundle holds, and what that means for the score."""
     folds, bundled = metrics["folds"], metrics.get("bundle_folds") or metrics["folds"]
@@ -113,6 +122,13 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
             diff = train.recipe_diff(io.read_json(recipe_path), p)
             if diff:
                 fold_diff[r["fold"]] = {k: a for k, (a, _) in diff.items()}
+    # folds fine-tuned from a shipped model (tools/pseudo_label.py): where they started, and how
+    finetuned = {}
+    for f, r in zip(folds, fold_rows):
+        if (f.parent / "init.json").exists():
+            finetuned[r["fold"]] = {**io.read_json(f.parent / "init.json"),
+                                    **(io.read_json(f.parent / "finetune.json") if (f.parent / "finetune.json").exists()
+                                       else {})}
     cpu = info.get("host", {}).get("cpus")
     lines = [
         f"# Model card: {name}",
@@ -188,6 +204,7 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
             + (f" on {r['hardware']}" if r.get("hardware") else "")
             + (f"; **its recipe differs from `params.yaml`**: {_describe(fold_diff[r['fold']])}"
                if r["fold"] in fold_diff else "")
+            + (_finetune_sentence(finetuned[r["fold"]]) if r["fold"] in finetuned else "")
         )
     cpu_s = sum(r.get("seconds", 0) for r in fold_rows if not r.get("hardware"))
     other = [r for r in fold_rows if r.get("hardware")]
@@ -211,7 +228,9 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         "",
         "```bash",
         f"make setup",
-        *_train_commands(name, [r["fold"] for r in fold_rows], fold_diff),
+        *_train_commands(name, [r["fold"] for r in fold_rows if r["fold"] not in finetuned], fold_diff),
+        *[f"{v['command']}   # fold {f}: fine-tuning (its --out holds fold{f}/; copy it to papermill_runs/{name}/models)"
+          for f, v in sorted(finetuned.items()) if v.get("command")],
         f".venv/bin/salt run models/{name}/params.yaml --name {name} --resume               # notebooks 01-04",
         f".venv/bin/salt ship papermill_runs/{name} --name {name}-repro   # models/{name} is never overwritten",
         "```",

@@ -17,6 +17,7 @@ Files in a fold folder ``OUT/fold<k>/``::
                           ensemble: the mean over model.keras and the snapshots
     recipe.json           the recipe the fold was started with (see :func:`recipe`)
     split.json            which images it trains and validates on (see :func:`split_record`)
+    init.json             the model file a fine-tuned fold started from (``init_from``) and its SHA-256
     done.json             marks the fold finished, with its scores and timings
 """
 
@@ -289,7 +290,53 @@ def _callbacks_module():
     return ValScore, StopOnNaN, History, AtomicBackupAndRestore
 
 
-def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbose: int = 2) -> dict:
+def init_weights(model, source) -> dict:
+    """Copy the weights of a saved model into ``model``, layer by layer by name (fine-tuning).
+
+    ``source`` is usually a shipped inference model (``.keras``), which lacks the training-only
+    layers of an ``empty_head`` model: ``seg_logits`` (the decoder-only 1x1 convolution) then
+    starts as the decoder part of the fused ``logits`` convolution (its first input channels are
+    the decoder's), so the deep-supervision loss starts near the fused one instead of at random;
+    ``image_logit`` keeps its fresh initialisation. Weights are cast to the model's variable dtype
+    (a bfloat16 file into a float32 training model).
+
+    Args:
+        model: the model to fill (built by :func:`build_model`).
+        source: path of a ``.keras`` model with the same architecture (layer names and shapes).
+    Returns:
+        dict with ``copied`` (layer names) and ``fresh`` (layers of ``model`` with weights that
+        ``source`` lacks, left as built or derived as above).
+    Raises:
+        ValueError: naming the layer, where a layer of both models has weights of another shape.
+    """
+    import keras
+
+    src = keras.saving.load_model(source, compile=False, safe_mode=True)
+    src_layers = {layer.name: layer for layer in src.layers}
+    copied, fresh = [], []
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        if layer.name not in src_layers:
+            fresh.append(layer.name)
+            continue
+        new = [np.asarray(w, dtype=np.float32) for w in src_layers[layer.name].get_weights()]
+        shapes = [tuple(w.shape) for w in layer.get_weights()]
+        if [w.shape for w in new] != shapes:
+            raise ValueError(f"{source}: layer {layer.name!r} has weights {[w.shape for w in new]}, "
+                             f"the model to fine-tune {shapes}: another architecture")
+        layer.set_weights(new)
+        copied.append(layer.name)
+    if "seg_logits" in fresh and "logits" in copied:
+        kernel, bias = model.get_layer("logits").get_weights()
+        seg = model.get_layer("seg_logits")
+        channels = seg.get_weights()[0].shape[2]
+        seg.set_weights([kernel[:, :, :channels, :], bias])
+    return {"copied": copied, "fresh": fresh}
+
+
+def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbose: int = 2,
+               init_from=None) -> dict:
     """Train (or resume, or skip if finished) one fold and return its summary.
 
     Args:
@@ -299,6 +346,11 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
         cfg: training configuration; missing keys take :data:`DEFAULTS`.
         out_dir: the run's model folder; this fold writes ``out_dir/fold<fold>/``.
         verbose: Keras ``fit`` verbosity (2 = one line per epoch, good for logs).
+        init_from: a saved model (``.keras``) whose weights the fold starts from instead of a fresh
+            initialisation (fine-tuning, see :func:`init_weights`); recorded in ``init.json`` with
+            its SHA-256, and a fold started from another file (or from scratch) is not resumed.
+            Images whose ``folds`` entry is negative are only ever trained on (for example
+            pseudo-labelled test images): they are never a fold's validation images.
     Returns:
         dict with ``fold``, ``val_score`` (the fold's ensemble, logit 0, no TTA), ``val_score_tta``,
         ``models`` (the ensemble's files), ``member_scores_tta`` (each file alone, with TTA),
@@ -356,6 +408,22 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
             f"fold {fold} in {fold_dir} was started with a different recipe ({recipe_path}); resuming it would "
             "mix two recipes: " + _diff_text(diff, "now") + ". Use another --out folder, or the recorded values."
         )
+    init_path = fold_dir / "init.json"
+    init = None
+    if init_from is not None:
+        from .predict import _sha256
+
+        init = {"init_from": str(init_from), "sha256": _sha256(init_from)}
+    old_init = io.read_json(init_path) if init_path.exists() else None
+    started = recipe_path.exists()
+    if started and (old_init or {}).get("sha256") != (init or {}).get("sha256"):
+        raise ValueError(
+            f"fold {fold} in {fold_dir} was started from {old_init['init_from'] if old_init else 'a fresh initialisation'}"
+            f" ({init_path}); resuming it from {init['init_from'] if init else 'a fresh initialisation'} would mix "
+            "two starts. Use another --out folder."
+        )
+    if init is not None and not started:
+        io.write_json(init_path, init)
     if extends or not recipe_path.exists():
         io.write_json(recipe_path, now)
     if old_split is None:
@@ -383,6 +451,11 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
     keras.utils.set_random_seed(cfg["seed"] + fold)
     with strategy.scope():
         model = build_model(cfg)
+    if init is not None and not (fold_dir / "stage1.weights.h5").exists():
+        # a resumed stage 1 loads its backup over these in fit(); later stages load their own weights
+        copied = init_weights(model, init_from)
+        print(f"fold {fold}: weights from {init_from} ({len(copied['copied'])} layers"
+              + (f"; fresh: {', '.join(copied['fresh'])}" if copied["fresh"] else "") + ")")
     print(
         f"fold {fold}: {len(train_idx)} train / {len(val_idx)} val images, "
         f"{model.count_params():,} parameters, {replicas} replica(s), global batch {global_batch}"

@@ -91,6 +91,28 @@ def test_card_names_the_hardware_of_a_fold_trained_elsewhere(smoke_ok, tmp_path)
     assert "Fold(s) [0]: 2.0 min of training" in hardware
 
 
+def test_card_names_a_fine_tuned_fold_and_its_command(smoke_ok, tmp_path):
+    """A fold fine-tuned from a shipped model (tools/pseudo_label.py writes init.json and
+    finetune.json): its line says where it started and on how many pseudo-labels, and the
+    reproduce section gives the fine-tuning command for it instead of a ``salt train`` line."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_ok.run_dir, run)
+    fold = run / "models" / "fold0"
+    (fold / "init.json").write_text(json.dumps({"init_from": "models/base/model0.keras", "sha256": "ab" * 32}))
+    command = "python tools/pseudo_label.py train --bundle models/base --fold 0 --params p.yaml --out x"
+    (fold / "finetune.json").write_text(json.dumps({"command": command, "labels": "labels0.npz",
+                                                    "labels_sha256": "cd" * 32, "n_labels": 641}))
+    card = (ship.ship(run, "ft", models_dir=tmp_path / "models") / "MODEL_CARD.md").read_text()
+    fold_line = next(l for l in card.splitlines() if l.startswith("- fold 0:"))
+    assert "fine-tuned** from `models/base/model0.keras` (SHA-256 abababababab" in fold_line
+    assert "on 641 pseudo-labelled test images as well (`labels0.npz`)" in fold_line
+    assert "fine-tuned" not in next(l for l in card.splitlines() if l.startswith("- fold 1:"))
+    reproduce = card.split("## Reproduce")[1]
+    assert command in reproduce
+    train_lines = [l for l in reproduce.splitlines() if "salt train" in l]
+    assert train_lines and all("--folds 1 " in l for l in train_lines)  # fold 0 is not trained from scratch
+
+
 def test_card_facts_come_from_the_run_records(smoke_ok, tmp_path):
     """Data folder, limit, processor, GPUs and a dirty checkout are read from run.json (written where
     the run trained), not assumed; a metric with no images to measure it (None) prints as n/a; a run

@@ -1,0 +1,178 @@
+"""Fine-tuning a shipped fold model (``saltlib.train.init_weights``, ``train_fold(init_from=...)``)
+and pseudo-labelling test images (``tools/pseudo_label.py``): which predictions count as confident
+(hand-built logits), the weights a fine-tuned fold starts from, the images it trains and validates
+on, and the guards against leakage and mixed starts. Tiny models on 24 synthetic images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+import keras
+
+from conftest import ROOT
+from saltlib import data, predict, train
+
+sys.path.insert(0, str(ROOT / "tools"))
+import pseudo_label  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+HEAD = {
+    "seed": 7,
+    "n_folds": 3,
+    "base_filters": 4,
+    "depth": 2,
+    "blocks_per_level": 1,
+    "dropout": 0.1,
+    "empty_head": True,
+    "mixed_precision": True,
+    "batch_size": 4,
+    "stages": [{"loss": "bce", "epochs": 2, "lr": 0.01}],
+    "val_every": 1,
+}
+
+
+def _logits(*rows):
+    """(N, 2, 2) logits from N lists of 4 values (row-major)."""
+    return np.array(rows, np.float32).reshape(-1, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "logits, keep",
+    [
+        # predicted empty, every pixel below -1: kept; one pixel at -0.5 (uncertain): dropped
+        (_logits([-3, -2, -1.5, -4]), True),
+        (_logits([-3, -2, -0.5, -4]), False),
+        # salt on 2 pixels with 0 uncertain pixels: kept; 1 uncertain of 2 salt (0.5 > 0.1): dropped
+        (_logits([3, 2, -3, -4]), True),
+        (_logits([3, 0.5, -3, -4]), False),
+        (_logits([3, 2, -0.2, -4]), False),
+    ],
+)
+def test_select_hand_built(logits, keep):
+    masks = logits > 0
+    assert pseudo_label.select(logits, masks).tolist() == [keep]
+
+
+def test_select_counts_uncertain_pixels_against_the_salt_area():
+    # 10 x 10 salt with 5 uncertain pixels around it: 5 / 100 <= 0.1 kept, <= 0.04 not
+    logits = np.full((1, 20, 20), -5.0, np.float32)
+    logits[0, :10, :10] = 5.0
+    logits[0, 10, :5] = -0.5
+    masks = logits > 0
+    assert pseudo_label.select(logits, masks, max_relative=0.1).tolist() == [True]
+    assert pseudo_label.select(logits, masks, max_relative=0.04).tolist() == [False]
+    # a wider band makes every background pixel uncertain
+    assert pseudo_label.select(logits, masks, uncertain=6.0).tolist() == [False]
+    with pytest.raises(ValueError, match="uncertain"):
+        pseudo_label.select(logits, masks, uncertain=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(synthetic24, tmp_path_factory):
+    """A one-model bundle of fold 1 of the 3-fold split (a tiny empty-head model)."""
+    ds = data.load_train(synthetic24.root)
+    split = data.kfold(ds, HEAD["n_folds"], HEAD["seed"])
+    out = tmp_path_factory.mktemp("tiny") / "models"
+    train.train_fold(ds, split, 1, HEAD, out, verbose=0)
+    dest = tmp_path_factory.mktemp("bundle") / "b"
+    meta = {"folds": [1], "seed": HEAD["seed"], "n_folds": HEAD["n_folds"]}
+    return predict.write_bundle(dest, [out / "fold1" / "model.keras"], 0.0, 0, True, meta=meta), ds, split
+
+
+def test_init_weights_starts_from_the_saved_model(tiny_bundle):
+    bundle, ds, split = tiny_bundle
+    model = train.build_model(HEAD)  # the training form: fused, decoder-only and image logits
+    result = train.init_weights(model, bundle / "model0.keras")
+    assert sorted(result["fresh"]) == ["image_logit", "seg_logits"]
+    assert "logits" in result["copied"] and "image_fc" in result["copied"]
+    saved = keras.saving.load_model(bundle / "model0.keras", compile=False)
+    x = ds.images[:6]
+    np.testing.assert_allclose(np.asarray(model.predict(x, verbose=0))[..., 0], train.predict_logits(saved, x),
+                               atol=0.05, rtol=0.01)
+    # the decoder-only head starts as the decoder part of the fused 1x1 convolution
+    kernel, bias = model.get_layer("logits").get_weights()
+    seg_kernel, seg_bias = model.get_layer("seg_logits").get_weights()
+    np.testing.assert_array_equal(seg_kernel, kernel[:, :, : seg_kernel.shape[2], :])
+    np.testing.assert_array_equal(seg_bias, bias)
+
+
+def test_init_weights_refuses_another_architecture(tiny_bundle):
+    bundle, _, _ = tiny_bundle
+    wider = train.build_model({**HEAD, "base_filters": 8})
+    with pytest.raises(ValueError, match="layer 'enc1_conv|another architecture"):
+        train.init_weights(wider, bundle / "model0.keras")
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(tiny_bundle, synthetic24, tmp_path_factory):
+    bundle, ds, split = tiny_bundle
+    work = tmp_path_factory.mktemp("pl")
+    labels = work / "labels.npz"
+    pseudo_label.main(["label", "--bundle", str(bundle), "--fold", "1", "--data-dir", str(synthetic24.root),
+                       "--uncertain", "0.01", "--max-relative", "1000", "--out", str(labels)])
+    params_file = work / "finetune.yaml"
+    params_file.write_text(yaml.safe_dump({**HEAD, "stages": [{"loss": "lovasz", "epochs": 1, "lr": 0.001}]}))
+    out = work / "models"
+    pseudo_label.main(["train", "--bundle", str(bundle), "--fold", "1", "--params", str(params_file),
+                       "--labels", str(labels), "--data-dir", str(synthetic24.root), "--out", str(out)])
+    return out / "fold1", labels, params_file, bundle, ds, split
+
+
+def test_label_keeps_the_confident_test_images(fine_tuned, synthetic24):
+    _, labels, _, bundle, _, _ = fine_tuned
+    z = np.load(labels)
+    test = data.load_test(synthetic24.root)
+    b = predict.load_bundle(bundle)
+    logits = b.predict_logits(test.images, tta=True)
+    keep = pseudo_label.select(logits, predict.postprocess(logits, 0.0, 0), 0.01, 1000)
+    assert keep.any()
+    assert z["ids"].tolist() == test.ids[keep].tolist()
+    np.testing.assert_array_equal(z["masks"], logits[keep] > 0)
+    np.testing.assert_array_equal(z["images"], test.images[keep])
+    assert str(z["sha256"]) == predict._sha256(bundle / "model0.keras")
+
+
+def test_fine_tuned_fold_trains_on_the_labels_and_validates_on_its_fold(fine_tuned):
+    fold_dir, labels, _, bundle, ds, split = fine_tuned
+    n_labels = len(np.load(labels)["ids"])
+    record = json.loads((fold_dir / "split.json").read_text())
+    assert record == {**train.split_record(ds.ids, split, 1), "train_images": int((split != 1).sum()) + n_labels}
+    assert json.loads((fold_dir / "init.json").read_text())["sha256"] == predict._sha256(bundle / "model0.keras")
+    record = json.loads((fold_dir / "finetune.json").read_text())
+    assert record["n_labels"] == n_labels and record["labels_sha256"] == predict._sha256(labels)
+    assert record["command"].startswith("python tools/pseudo_label.py train --bundle ")
+    summary = json.loads((fold_dir / "done.json").read_text())
+    assert summary["n_train"] == (split != 1).sum() + n_labels and summary["n_val"] == (split == 1).sum()
+    assert sorted(np.load(fold_dir / "oof.npz")["ids"].tolist()) == sorted(ds.ids[split == 1].tolist())
+
+
+def test_a_fine_tuned_fold_does_not_resume_from_another_start(fine_tuned, tmp_path):
+    fold_dir, labels, _, bundle, ds, split = fine_tuned
+    ds, split = pseudo_label.with_labels(ds, split, np.load(labels))
+    half = tmp_path / "fold1"
+    shutil.copytree(fold_dir, half)
+    (half / "done.json").unlink()
+    cfg = {**HEAD, "stages": [{"loss": "lovasz", "epochs": 1, "lr": 0.001}]}
+    with pytest.raises(ValueError, match="init.json"):
+        train.train_fold(ds, split, 1, cfg, tmp_path, verbose=0)  # from scratch: refused
+
+
+def test_labels_of_another_model_are_refused(fine_tuned, tmp_path, synthetic24):
+    _, labels, params_file, bundle, _, _ = fine_tuned
+    z = dict(np.load(labels))
+    z["sha256"] = np.array("0" * 64)
+    other = tmp_path / "other.npz"
+    np.savez(other, **z)
+    with pytest.raises(SystemExit, match="another fold's model"):
+        pseudo_label.main(["train", "--bundle", str(bundle), "--fold", "1", "--params", str(params_file),
+                           "--labels", str(other), "--data-dir", str(synthetic24.root), "--out", str(tmp_path / "m")])
+    with pytest.raises(SystemExit, match="no model of fold 0"):
+        pseudo_label.main(["label", "--bundle", str(bundle), "--fold", "0", "--data-dir", str(synthetic24.root),
+                           "--out", str(tmp_path / "x.npz")])
