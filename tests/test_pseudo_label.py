@@ -58,6 +58,8 @@ def _logits(*rows):
 def test_select_hand_built(logits, keep):
     masks = logits > 0
     assert pseudo_label.select(logits, masks).tolist() == [keep]
+    # salt_only drops every predicted-empty image and keeps the others' answers
+    assert pseudo_label.select(logits, masks, salt_only=True).tolist() == [keep and bool(masks.any())]
 
 
 def test_select_counts_uncertain_pixels_against_the_salt_area():
@@ -176,3 +178,4 @@ def test_labels_of_another_model_are_refused(fine_tuned, tmp_path, synthetic24):
     with pytest.raises(SystemExit, match="no model of fold 0"):
         pseudo_label.main(["label", "--bundle", str(bundle), "--fold", "0", "--data-dir", str(synthetic24.root),
                            "--out", str(tmp_path / "x.npz")])
+

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def select(logits, masks, uncertain: float = 1.0, max_relative: float = 0.1) -> np.ndarray:
+def select(logits, masks, uncertain: float = 1.0, max_relative: float = 0.1, salt_only: bool = False) -> np.ndarray:
     """Which predictions are confident enough to train on.
 
     A pixel is uncertain where ``|logit| < uncertain``. A predicted-empty image is kept when no
@@ -46,6 +46,8 @@ def select(logits, masks, uncertain: float = 1.0, max_relative: float = 0.1) -> 
         masks: ``(N, H, W)`` bool post-processed masks made from ``logits``.
         uncertain: the logit band counted as uncertain (> 0).
         max_relative: the largest ratio of uncertain pixels to salt pixels kept (>= 0).
+        salt_only: keep no predicted-empty image (on fold 0, the fine-tuning with them found 4 fewer
+            of the 414 salt images than without any pseudo-labels).
     Returns:
         ``(N,)`` bool.
     """
@@ -53,7 +55,7 @@ def select(logits, masks, uncertain: float = 1.0, max_relative: float = 0.1) -> 
         raise ValueError(f"uncertain must be > 0 and max_relative >= 0, got {uncertain}, {max_relative}")
     n_uncertain = (np.abs(logits) < uncertain).sum(axis=(1, 2))
     area = masks.sum(axis=(1, 2))
-    return np.where(area == 0, n_uncertain == 0, n_uncertain <= max_relative * area)
+    return np.where(area == 0, (n_uncertain == 0) & (not salt_only), n_uncertain <= max_relative * area)
 
 
 def with_labels(ds, split, labels):
@@ -96,7 +98,7 @@ def label(args) -> None:
     bundle = predict.load_bundle(args.bundle, members=[k])
     logits = bundle.predict_logits(test.images, tta=True)
     masks = predict.postprocess(logits, bundle.threshold, bundle.min_size, bundle.peak_gate)
-    keep = select(logits, masks, args.uncertain, args.max_relative)
+    keep = select(logits, masks, args.uncertain, args.max_relative, args.salt_only)
     empty = ~masks.any(axis=(1, 2))
     with io.atomic_path(args.out) as tmp:
         np.savez_compressed(tmp, ids=test.ids[keep], images=test.images[keep], masks=masks[keep],
@@ -153,6 +155,8 @@ def main(argv=None) -> None:
     a.add_argument("--data-dir", default=None)
     a.add_argument("--uncertain", type=float, default=1.0)
     a.add_argument("--max-relative", type=float, default=0.1)
+    a.add_argument("--salt-only", action="store_true",
+                   help="keep only images with predicted salt (about one in ten confident empty predictions has salt)")
     a.add_argument("--out", required=True)
     b = sub.add_parser("train", help="fine-tune one fold's model (with --labels: on the pseudo-labels too)")
     b.add_argument("--bundle", required=True)
