@@ -270,22 +270,42 @@ def _callbacks_module():
             io.write_text(self.path, rows.to_csv(index=False))
 
     class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-        """``BackupAndRestore`` whose checkpoint files are written to a temporary name and renamed.
+        """``BackupAndRestore`` whose checkpoint is written so that a kill at any moment leaves a
+        consistent one behind.
 
-        Keras writes ``latest.weights.h5`` in place, so a SIGKILL during the write left a truncated
-        file and the restarted run failed to load it. Here the weights are replaced atomically,
-        then the epoch counter; a kill between the two repeats one epoch, never loses one.
-        (Overrides the private ``_save_model`` of the pinned Keras 3.15.)
+        Keras writes ``latest.weights.h5`` in place, then the epoch counter: a SIGKILL during the
+        write left a truncated file, and one between the two left the new weights under the old
+        counter, so the resumed run repeated an epoch from weights that had already trained it.
+        Here each checkpoint's weights go to a new file named by its epoch (written to a temporary
+        name and renamed), then the counter, which names that file, replaces the old one
+        atomically; only then is the previous weights file removed. A kill before the counter is
+        replaced resumes from the previous checkpoint, whose weights are still there, so the
+        resumed run repeats the epoch exactly as an uninterrupted one trains it. A backup written
+        by the earlier scheme (no file named in the counter) loads ``latest.weights.h5`` as before.
+        (Overrides the private ``_save_model`` and ``_load_model`` of the pinned Keras 3.15.)
         """
 
         def _save_model(self):
-            Path(self.backup_dir).mkdir(parents=True, exist_ok=True)
-            with io.atomic_path(self._weights_path) as tmp:
+            folder = Path(self.backup_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"epoch{self._current_epoch}-batch{self._last_batch_seen}.weights.h5"
+            with io.atomic_path(folder / name) as tmp:
                 self.model.save_weights(str(tmp))
             io.write_text(
                 self._training_metadata_path,
-                json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}),
+                json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name}),
             )
+            for old in folder.glob("*.weights.h5"):
+                if old.name != name:
+                    old.unlink(missing_ok=True)
+
+        def _load_model(self):
+            meta = Path(self._training_metadata_path)
+            if meta.is_file():
+                name = json.loads(meta.read_text()).get("weights")
+                if name:
+                    self._weights_path = str(Path(self.backup_dir) / name)
+            super()._load_model()
 
     return ValScore, StopOnNaN, History, AtomicBackupAndRestore
 

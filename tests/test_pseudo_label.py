@@ -175,6 +175,11 @@ def test_labels_of_another_model_are_refused(fine_tuned, tmp_path, synthetic24):
     with pytest.raises(SystemExit, match="another fold's model"):
         pseudo_label.main(["train", "--bundle", str(bundle), "--fold", "1", "--params", str(params_file),
                            "--labels", str(other), "--data-dir", str(synthetic24.root), "--out", str(tmp_path / "m")])
+    del z["sha256"]
+    np.savez(other, **z)
+    with pytest.raises(SystemExit, match="not a file of the label step .no sha256"):
+        pseudo_label.main(["train", "--bundle", str(bundle), "--fold", "1", "--params", str(params_file),
+                           "--labels", str(other), "--data-dir", str(synthetic24.root), "--out", str(tmp_path / "m")])
     with pytest.raises(SystemExit, match="no model of fold 0"):
         pseudo_label.main(["label", "--bundle", str(bundle), "--fold", "0", "--data-dir", str(synthetic24.root),
                            "--out", str(tmp_path / "x.npz")])

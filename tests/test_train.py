@@ -508,3 +508,51 @@ def test_load_oof_gathers_folds_and_checks_the_split(tmp_path):
     assert oof["logits_tta"][:, 0, 0].tolist() == [1.5, 1.5, 1.5, 0.5, 0.5]
     with pytest.raises(ValueError, match=r"fold0.oof\.npz: out-of-fold ids differ from fold 0"):
         train.load_oof(tmp_path, ds, np.zeros(5, int) + 1, [0])
+
+
+def _dense_model(seed: int):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+def test_backup_is_consistent_whenever_the_kill_comes(tmp_path):
+    """The checkpoint's weights and epoch counter never disagree: weights written for epoch 2 but
+    killed before its counter leave epoch 1's checkpoint whole, so a resume repeats epoch 2 from
+    epoch 1's weights (as an uninterrupted run trains it), not from weights that already trained it."""
+    Backup = train._callbacks_module()[3]
+    folder = tmp_path / "backup"
+    model = _dense_model(1)
+    saver = Backup(str(folder), delete_checkpoint=False)
+    saver.set_model(model)
+    saver._current_epoch, saver._last_batch_seen = 1, 0
+    saver._save_model()
+    epoch1 = [w.copy() for w in model.get_weights()]
+    # epoch 2 trains and its weights reach the disk; the kill comes before the counter
+    model.set_weights([w + 1.0 for w in epoch1])
+    model.save_weights(str(folder / "epoch2-batch0.weights.h5"))
+    resumed = _dense_model(2)
+    loader = Backup(str(folder), delete_checkpoint=False)
+    loader.set_model(resumed)
+    loader.on_train_begin()
+    assert resumed._initial_epoch == 1
+    for a, b in zip(resumed.get_weights(), epoch1):
+        np.testing.assert_array_equal(a, b)
+    # a whole epoch-2 checkpoint replaces epoch 1's: one weights file, named by the counter
+    saver._current_epoch = 2
+    saver._save_model()
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch2-batch0.weights.h5", "training_metadata.json"]
+    assert json.loads((folder / "training_metadata.json").read_text())["weights"] == "epoch2-batch0.weights.h5"
+    # a backup of the earlier scheme (latest.weights.h5, a counter naming no file) still loads
+    old = tmp_path / "old"
+    old.mkdir()
+    model.save_weights(str(old / "latest.weights.h5"))
+    (old / "training_metadata.json").write_text(json.dumps({"epoch": 3, "batch": 0}))
+    again = _dense_model(3)
+    loader = Backup(str(old), delete_checkpoint=False)
+    loader.set_model(again)
+    loader.on_train_begin()
+    assert again._initial_epoch == 3
+    for a, b in zip(again.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -15,8 +15,12 @@ not in the training set, and their labels come from fold K's own model, which ne
 validation images; a bundle's ensemble would leak them (fold J's model trained on fold K's images).
 So each fold is labelled by its own model, and the pseudo-labelled images are given fold -1 (always
 trained on, never validated on). ``finetune.json`` in the fold folder records the command and the
-labels (a resume with other labels is refused); ``salt ship`` puts both in the model card. The fine-tuned fold is scored on its 680 validation images as any
-fold (``oof.npz``, ``done.json``); training resumes like ``salt train`` (``saltlib.train.train_fold``).
+labels (a resume with other labels is refused); ``salt ship`` puts both in the model card. The
+fine-tuned fold is scored on its validation images like any fold (``oof.npz``, ``done.json``);
+training resumes like ``salt train`` (``saltlib.train.train_fold``).
+
+Measured on fold 0 (2026-11-28, README experiments table): neither one more restart nor the
+pseudo-labels of the 1,000 test images beat the shipped model they started from.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ def select(logits, masks, uncertain: float = 1.0, max_relative: float = 0.1, sal
         masks: ``(N, H, W)`` bool post-processed masks made from ``logits``.
         uncertain: the logit band counted as uncertain (> 0).
         max_relative: the largest ratio of uncertain pixels to salt pixels kept (>= 0).
-        salt_only: keep no predicted-empty image (on fold 0, the fine-tuning with them found 4 fewer
-            of the 414 salt images than without any pseudo-labels).
+        salt_only: keep no predicted-empty image. (On fold 0 neither choice helped: README,
+            experiments.)
     Returns:
         ``(N,)`` bool.
     """
@@ -100,9 +104,10 @@ def label(args) -> None:
     masks = predict.postprocess(logits, bundle.threshold, bundle.min_size, bundle.peak_gate)
     keep = select(logits, masks, args.uncertain, args.max_relative, args.salt_only)
     empty = ~masks.any(axis=(1, 2))
+    model_file = Path(args.bundle) / spec["models"][k]
     with io.atomic_path(args.out) as tmp:
         np.savez_compressed(tmp, ids=test.ids[keep], images=test.images[keep], masks=masks[keep],
-                            source=str(Path(args.bundle) / spec["models"][k]), sha256=predict._sha256(Path(args.bundle) / spec["models"][k]))
+                            source=str(model_file), sha256=predict._sha256(model_file))
     print(f"{args.out}: {keep.sum()} of {len(keep)} test images kept ({(keep & empty).sum()} of {empty.sum()} "
           f"predicted empty, {(keep & ~empty).sum()} of {(~empty).sum()} with salt), labelled by "
           f"{spec['models'][k]} of {args.bundle}")
@@ -121,6 +126,9 @@ def train(args) -> None:
     split = data.kfold(ds, cfg["n_folds"], cfg["seed"])
     if args.labels:
         z = np.load(args.labels)
+        missing = {"ids", "images", "masks", "source", "sha256"} - set(z.files)
+        if missing:
+            raise SystemExit(f"{args.labels}: not a file of the label step (no {', '.join(sorted(missing))})")
         if str(z["sha256"]) != predict._sha256(Path(args.bundle) / spec["models"][k]):
             raise SystemExit(f"{args.labels} was labelled by {z['source']}, not by fold {args.fold}'s model "
                              f"{spec['models'][k]}: another fold's model saw this fold's validation images")
@@ -128,7 +136,7 @@ def train(args) -> None:
         print(f"{len(z['ids'])} pseudo-labelled test images from {args.labels} join the training images")
     record = {
         "command": "python tools/pseudo_label.py train " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("cmd", "func") and v is not None
+            f"--{key.replace('_', '-')} {v}" for key, v in vars(args).items() if key != "cmd" and v is not None
         ),
         "labels": args.labels,
         "labels_sha256": predict._sha256(args.labels) if args.labels else None,
