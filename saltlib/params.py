@@ -150,6 +150,8 @@ SPEC: dict[str, Param] = {
     "blocks_per_level": Param(int, 2, "residual blocks per level", _range(0, 8)),
     "dropout": Param(float, 0.25, "dropout rate after pooling and skip concatenation", _range(0.0, 1.0, hi_open=True)),
     "empty_head": Param(bool, False, "image-level salt/no-salt head fused into the output, with deep supervision"),
+    "image_loss_weight": Param(float, 0.1, "with empty_head: weight of the image logit's salt-present cross-entropy "
+                               "in the training loss", _range(0.0, 100.0)),
     "upscale": Param(int, 1, "enlarge the 101x101 input k times inside the model (bilinear; 2: 202x202) and "
                      "average the logits back (1 = native size)", _range(1, 4)),
     "pad_to": Param(int, 0, "zero-pad the (enlarged) input to this size inside the model and crop the logits back "

@@ -34,7 +34,7 @@ import numpy as np
 from . import io, metric, params
 
 TRAIN_KEYS = (
-    "seed", "n_folds", "base_filters", "depth", "blocks_per_level", "dropout", "empty_head", "upscale",
+    "seed", "n_folds", "base_filters", "depth", "blocks_per_level", "dropout", "empty_head", "image_loss_weight", "upscale",
     "pad_to", "mixed_precision", "batch_size", "stages", "snapshots", "min_lr", "flip", "zoom", "p_zoom", "brightness",
     "val_every", "strategy",
 )
@@ -158,12 +158,13 @@ def build_model(cfg: dict, for_inference: bool = False):
 
 def stage_loss(cfg: dict, spec: str):
     """The loss a stage compiles with: :func:`saltlib.losses.get_loss` of ``spec``, wrapped by
-    :func:`saltlib.losses.with_empty_head` for a model with ``empty_head`` (whose training form has
-    the auxiliary outputs)."""
+    :func:`saltlib.losses.with_empty_head` (image term weighted by ``image_loss_weight``) for a model
+    with ``empty_head`` (whose training form has the auxiliary outputs)."""
     from . import losses
 
+    cfg = {**DEFAULTS, **cfg}
     loss = losses.get_loss(spec)
-    return losses.with_empty_head(loss) if {**DEFAULTS, **cfg}["empty_head"] else loss
+    return losses.with_empty_head(loss, image_weight=cfg["image_loss_weight"]) if cfg["empty_head"] else loss
 
 
 def save_model(model, cfg: dict, path) -> Path:

@@ -556,3 +556,22 @@ def test_backup_is_consistent_whenever_the_kill_comes(tmp_path):
     assert again._initial_epoch == 3
     for a, b in zip(again.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.1, 1.0, 2.5])
+def test_image_loss_weight_scales_the_image_term(weight):
+    """``image_loss_weight`` multiplies the image logit's salt-present cross-entropy, and nothing
+    else: the loss minus its value at weight 0 is weight x that cross-entropy (numpy, by hand)."""
+    rng = np.random.default_rng(0)
+    y = np.zeros((3, 4, 4, 1), np.float32)
+    y[0, 1, 1, 0] = 1.0  # images 0 and 2 have salt, image 1 is empty
+    y[2, :2, :, 0] = 1.0
+    pred = rng.normal(size=(3, 4, 4, 3)).astype(np.float32)
+    image_logit = np.array([1.5, -0.5, -2.0], np.float32)
+    pred[..., 2] = image_logit[:, None, None]
+    has_salt = np.array([1.0, 0.0, 1.0])
+    bce = np.log1p(np.exp(-image_logit)) * has_salt + np.log1p(np.exp(image_logit)) * (1 - has_salt)
+    base = np.asarray(train.stage_loss({"empty_head": True, "image_loss_weight": 0.0}, "bce")(y, pred))
+    loss = np.asarray(train.stage_loss({"empty_head": True, "image_loss_weight": weight}, "bce")(y, pred))
+    np.testing.assert_allclose(loss - base, weight * bce, rtol=1e-4, atol=1e-5)
+    assert train.DEFAULTS["image_loss_weight"] == 0.1  # the weight of every head model trained before it existed

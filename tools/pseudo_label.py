@@ -118,7 +118,7 @@ def train(args) -> None:
 
     spec, k = _member(args.bundle, args.fold)
     meta = spec["meta"]
-    cfg = params.load(args.params)
+    cfg = params.load(args.params, overrides=args.set)
     if (cfg["seed"], cfg["n_folds"]) != (meta["seed"], meta["n_folds"]):
         raise SystemExit(f"{args.params}: seed/n_folds {cfg['seed']}/{cfg['n_folds']} differ from the bundle's "
                          f"{meta['seed']}/{meta['n_folds']}: the fold would validate on images its model trained on")
@@ -136,7 +136,8 @@ def train(args) -> None:
         print(f"{len(z['ids'])} pseudo-labelled test images from {args.labels} join the training images")
     record = {
         "command": "python tools/pseudo_label.py train " + " ".join(
-            f"--{key.replace('_', '-')} {v}" for key, v in vars(args).items() if key != "cmd" and v is not None
+            f"--{key.replace('_', '-')} {v}" for key, v in vars(args).items() if key not in ("cmd", "set") and v is not None
+        ) + "".join(f" --set '{v}'" for v in args.set
         ),
         "labels": args.labels,
         "labels_sha256": predict._sha256(args.labels) if args.labels else None,
@@ -171,6 +172,8 @@ def main(argv=None) -> None:
     b.add_argument("--fold", type=int, required=True)
     b.add_argument("--params", required=True)
     b.add_argument("--labels", default=None)
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter of --params (YAML value), as salt train --set")
     b.add_argument("--data-dir", default=None)
     b.add_argument("--out", required=True)
     args = p.parse_args(argv)
