@@ -123,7 +123,8 @@ def fine_tuned(tiny_bundle, synthetic24, tmp_path_factory):
     params_file.write_text(yaml.safe_dump({**HEAD, "stages": [{"loss": "lovasz", "epochs": 1, "lr": 0.001}]}))
     out = work / "models"
     pseudo_label.main(["train", "--bundle", str(bundle), "--fold", "1", "--params", str(params_file),
-                       "--labels", str(labels), "--data-dir", str(synthetic24.root), "--out", str(out)])
+                       "--labels", str(labels), "--data-dir", str(synthetic24.root), "--out", str(out),
+                       "--set", "image_loss_weight=0.5"])
     return out / "fold1", labels, params_file, bundle, ds, split
 
 
@@ -150,6 +151,8 @@ def test_fine_tuned_fold_trains_on_the_labels_and_validates_on_its_fold(fine_tun
     record = json.loads((fold_dir / "finetune.json").read_text())
     assert record["n_labels"] == n_labels and record["labels_sha256"] == predict._sha256(labels)
     assert record["command"].startswith("python tools/pseudo_label.py train --bundle ")
+    assert record["command"].endswith("--set 'image_loss_weight=0.5'")
+    assert json.loads((fold_dir / "recipe.json").read_text())["image_loss_weight"] == 0.5
     summary = json.loads((fold_dir / "done.json").read_text())
     assert summary["n_train"] == (split != 1).sum() + n_labels and summary["n_val"] == (split == 1).sum()
     assert sorted(np.load(fold_dir / "oof.npz")["ids"].tolist()) == sorted(ds.ids[split == 1].tolist())
@@ -161,7 +164,7 @@ def test_a_fine_tuned_fold_does_not_resume_from_another_start(fine_tuned, tmp_pa
     half = tmp_path / "fold1"
     shutil.copytree(fold_dir, half)
     (half / "done.json").unlink()
-    cfg = {**HEAD, "stages": [{"loss": "lovasz", "epochs": 1, "lr": 0.001}]}
+    cfg = {**HEAD, "stages": [{"loss": "lovasz", "epochs": 1, "lr": 0.001}], "image_loss_weight": 0.5}
     with pytest.raises(ValueError, match="init.json"):
         train.train_fold(ds, split, 1, cfg, tmp_path, verbose=0)  # from scratch: refused
 
