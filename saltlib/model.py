@@ -16,6 +16,11 @@ everything around it (data, losses, bundles, ``salt predict``) is unchanged.
 
 With ``pad_to`` (e.g. 128, as many TGS solutions padded 101 -> 128) the network works on the image
 zero-padded to that size, every halving then even, and crops its logits back to 101x101.
+
+Two decoder options of the top TGS solutions: ``scse`` recalibrates each decoder level's output with
+concurrent spatial and channel squeeze-and-excitation (Roy, Navab and Wachinger 2018), and
+``hypercolumn`` feeds the final convolution with every decoder level's output, resized to full size
+(Hariharan et al. 2015), not only the last one's.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from keras import layers
 
 #: width of the image-level features that ``empty_head`` broadcasts to every pixel
 IMAGE_FEATURES = 16
+#: channel squeeze ratio of the scSE blocks (a 16-channel level squeezes to 4 units)
+SCSE_REDUCTION = 4
 
 
 def _bn_relu(x, name, dtype):
@@ -53,6 +60,33 @@ def residual_block(x, filters: int, name: str, activate: bool = False, dtype=Non
     return y
 
 
+def scse_block(x, name: str, reduction: int = SCSE_REDUCTION, dtype=None):
+    """Concurrent spatial and channel squeeze-and-excitation (scSE, Roy et al. 2018).
+
+    The channel branch (cSE) pools the map globally, squeezes it through a ReLU layer of
+    ``max(1, C // reduction)`` units and rescales each channel by a sigmoid gate in (0, 1); the
+    spatial branch (sSE) rescales each pixel by a sigmoid of a 1x1 convolution to one channel. The
+    output is the sum of the two rescaled maps.
+
+    Args:
+        x: ``(B, H, W, C)`` tensor.
+        name: prefix for the layer names (``{name}_cse_pool``, ``_cse_fc1``, ``_cse_fc2``,
+            ``_cse_scale``, ``_sse_conv``, ``_sse_scale``, ``_add``).
+        reduction: channel squeeze ratio.
+        dtype: Keras dtype policy of the layers.
+    Returns:
+        tensor of the same shape.
+    """
+    channels = x.shape[-1]
+    c = layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_cse_pool", dtype=dtype)(x)
+    c = layers.Dense(max(1, channels // reduction), activation="relu", name=f"{name}_cse_fc1", dtype=dtype)(c)
+    c = layers.Dense(channels, activation="sigmoid", name=f"{name}_cse_fc2", dtype=dtype)(c)
+    c = layers.Multiply(name=f"{name}_cse_scale", dtype=dtype)([x, c])
+    s = layers.Conv2D(1, 1, activation="sigmoid", name=f"{name}_sse_conv", dtype=dtype)(x)
+    s = layers.Multiply(name=f"{name}_sse_scale", dtype=dtype)([x, s])
+    return layers.Add(name=f"{name}_add", dtype=dtype)([c, s])
+
+
 def _level(x, filters, blocks, name, dtype):
     x = layers.Conv2D(filters, 3, padding="same", name=f"{name}_conv", dtype=dtype)(x)
     for b in range(blocks):
@@ -71,6 +105,8 @@ def build_resnet_unet(
     aux_outputs: bool = False,
     upscale: int = 1,
     pad_to: int = 0,
+    scse: bool = False,
+    hypercolumn: bool = False,
     name: str = "resnet_unet",
 ) -> keras.Model:
     """Build the ResNet-U-Net.
@@ -103,6 +139,10 @@ def build_resnet_unet(
             the (enlarged) image, split evenly with the extra row/column at the bottom/right (101 ->
             128: 13 above, 14 below), the U-Net (and its head) run at ``pad_to x pad_to``, and a
             ``crop`` layer cuts the logits back before any ``downscale``.
+        scse: end every decoder level with an scSE block (:func:`scse_block`, layers ``dec{i}_scse_*``).
+        hypercolumn: the final convolution(s) see the concatenation (``hypercolumn``) of every
+            decoder level's output, the coarser ones enlarged bilinearly (``hyper{i}_resize``) to
+            the full size: ``base_filters * (2**depth - 1)`` channels instead of ``base_filters``.
         name: model name.
     Returns:
         a ``keras.Model`` mapping ``(B, H, W, C)`` images in [0, 1] to ``(B, H, W, 1)`` float32
@@ -136,6 +176,7 @@ def build_resnet_unet(
             x = layers.Dropout(dropout / 2 if i == 0 else dropout, name=f"enc{i + 1}_drop", dtype=dt)(x)
     x = _level(x, base_filters * 2**depth, blocks_per_level, "middle", dt)
     bottleneck = x
+    decoded = []  # each decoder level's output, coarsest first
     for i in reversed(range(depth)):
         skip = skips[i]
         f = base_filters * 2**i
@@ -148,6 +189,16 @@ def build_resnet_unet(
         if dropout:
             x = layers.Dropout(dropout, name=f"dec{i + 1}_drop", dtype=dt)(x)
         x = _level(x, f, blocks_per_level, f"dec{i + 1}", dt)
+        if scse:
+            x = scse_block(x, f"dec{i + 1}_scse", dtype=dt)
+        decoded.append(x)
+    if hypercolumn and depth > 1:
+        size = decoded[-1].shape[1:3]
+        coarse = [
+            layers.Resizing(*size, interpolation="bilinear", name=f"hyper{depth - j}_resize", dtype=dt)(d)
+            for j, d in enumerate(decoded[:-1])
+        ]
+        x = layers.Concatenate(name="hypercolumn", dtype=dt)([decoded[-1], *coarse[::-1]])
     if not empty_head:
         outputs = layers.Conv2D(1, 1, name="logits", dtype="float32")(x)
         return keras.Model(inputs, _downscale(_crop(outputs, crop), upscale), name=name)

@@ -156,6 +156,10 @@ SPEC: dict[str, Param] = {
                      "average the logits back (1 = native size)", _range(1, 4)),
     "pad_to": Param(int, 0, "zero-pad the (enlarged) input to this size inside the model and crop the logits back "
                     "(0 = no padding; 128: 101->128, every halving even)", _range(0, 1024)),
+    "scse": Param(bool, False, "end every decoder level with a concurrent spatial and channel squeeze-and-excitation "
+                  "(scSE) block"),
+    "hypercolumn": Param(bool, False, "the final convolution sees every decoder level's output, resized to full size "
+                         "(hypercolumn), not only the last one's"),
     "mixed_precision": Param((bool, str), "auto", "bfloat16 compute with float32 weights: true, false, or auto (bfloat16 "
                              "where the CPU has AVX512-BF16/AMX or the GPU is Ampere or newer; elsewhere it is emulated "
                              "and slower than float32)", _bool_or_auto),

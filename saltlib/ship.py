@@ -186,6 +186,8 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         + ("image-level (empty/non-empty) head with deep supervision, " if p.get("empty_head") else "")
         + (f"input enlarged {p['upscale']}x inside the model, " if p.get("upscale", 1) > 1 else "")
         + (f"input zero-padded to {p['pad_to']}x{p['pad_to']} inside the model, " if p.get("pad_to") else "")
+        + ("scSE blocks in the decoder, " if p.get("scse") else "")
+        + ("hypercolumn (every decoder level feeds the final convolution), " if p.get("hypercolumn") else "")
         + {"auto": "bfloat16 mixed precision where the training machine had it natively (`mixed_precision: auto`)",
            True: "bfloat16 mixed precision", False: "float32"}.get(p.get("mixed_precision"), "float32") + ".",
         "- Stages: " + "; ".join(f"{s['loss']} for {s['epochs']} epochs from lr {s['lr']:g} (cosine)" for s in p.get("stages", [])),

@@ -35,7 +35,7 @@ from . import io, metric, params
 
 TRAIN_KEYS = (
     "seed", "n_folds", "base_filters", "depth", "blocks_per_level", "dropout", "empty_head", "image_loss_weight", "upscale",
-    "pad_to", "mixed_precision", "batch_size", "stages", "snapshots", "min_lr", "flip", "zoom", "p_zoom", "brightness",
+    "pad_to", "scse", "hypercolumn", "mixed_precision", "batch_size", "stages", "snapshots", "min_lr", "flip", "zoom", "p_zoom", "brightness",
     "val_every", "strategy",
 )
 #: training configuration defaults, taken from the parameter specification
@@ -129,7 +129,8 @@ def build_model(cfg: dict, for_inference: bool = False):
 
     Args:
         cfg: training configuration (``base_filters``, ``depth``, ``blocks_per_level``,
-            ``dropout``, ``empty_head``, ``upscale``, ``pad_to``, ``mixed_precision``; missing keys take :data:`DEFAULTS`).
+            ``dropout``, ``empty_head``, ``upscale``, ``pad_to``, ``scse``, ``hypercolumn``,
+            ``mixed_precision``; missing keys take :data:`DEFAULTS`).
             ``mixed_precision: "auto"`` is resolved by :func:`use_bfloat16`.
         for_inference: the model that is saved and shipped. With bfloat16 compute it keeps
             the weights themselves in bfloat16 (``"bfloat16"`` policy): half the file size, and on
@@ -153,6 +154,8 @@ def build_model(cfg: dict, for_inference: bool = False):
         aux_outputs=cfg["empty_head"] and not for_inference,
         upscale=cfg["upscale"],
         pad_to=cfg["pad_to"],
+        scse=cfg["scse"],
+        hypercolumn=cfg["hypercolumn"],
     )
 
 

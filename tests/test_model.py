@@ -235,3 +235,76 @@ def test_pad_to_zero_adds_no_layers_and_a_small_size_is_rejected():
         build_resnet_unet(base_filters=2, depth=2, pad_to=100)
     with pytest.raises(ValueError, match=r"pad_to=128 is smaller than the enlarged input \(202x202\)"):
         build_resnet_unet(base_filters=2, depth=2, upscale=2, pad_to=128)
+
+
+# --------------------------------------------------------------------------- scSE, hypercolumn
+def test_scse_block_matches_numpy():
+    """scSE = x * sigmoid(fc2(relu(fc1(mean_hw(x))))) + x * sigmoid(conv1x1(x)), checked in numpy."""
+    from saltlib.model import scse_block
+
+    rng = np.random.default_rng(3)
+    inp = keras.Input((5, 7, 8))
+    model = keras.Model(inp, scse_block(inp, "s", reduction=4))
+    assert model.get_layer("s_cse_fc1").units == 2 and model.get_layer("s_cse_fc2").units == 8
+    for layer in model.layers:  # random weights, biases included
+        layer.set_weights([rng.normal(size=w.shape).astype(np.float32) for w in layer.get_weights()])
+    x = rng.normal(size=(2, 5, 7, 8)).astype(np.float32)
+
+    def sigmoid(z):
+        return 1 / (1 + np.exp(-z))
+
+    w1, b1 = model.get_layer("s_cse_fc1").get_weights()
+    w2, b2 = model.get_layer("s_cse_fc2").get_weights()
+    ws, bs = model.get_layer("s_sse_conv").get_weights()
+    gate_c = sigmoid(np.maximum(x.mean(axis=(1, 2)) @ w1 + b1, 0) @ w2 + b2)  # (B, C)
+    gate_s = sigmoid(x @ ws[0, 0] + bs)  # (B, H, W, 1)
+    expected = x * gate_c[:, None, None, :] + x * gate_s
+    np.testing.assert_allclose(np.asarray(model(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_scse_ends_every_decoder_level():
+    model = build_resnet_unet(base_filters=4, depth=3, blocks_per_level=1, scse=True)
+    for i in (1, 2, 3):
+        assert model.get_layer(f"dec{i}_scse_add").output.shape[-1] == 4 * 2 ** (i - 1)
+    plain = {layer.name for layer in build_resnet_unet(base_filters=4, depth=3, blocks_per_level=1).layers}
+    assert not any("scse" in n for n in plain)
+    assert model.output_shape == (None, 101, 101, 1)
+
+
+@pytest.mark.parametrize("empty_head", [False, True])
+def test_hypercolumn_feeds_every_decoder_level_to_the_logits(empty_head):
+    from saltlib.model import IMAGE_FEATURES
+
+    model = build_resnet_unet(base_filters=4, depth=3, blocks_per_level=1, dropout=0.0, hypercolumn=True,
+                              empty_head=empty_head)
+    # dec1 (4 channels at 101) + dec2 (8 at 50) + dec3 (16 at 25), the coarse ones resized to 101
+    assert model.get_layer("hypercolumn").output.shape[1:] == (101, 101, 4 + 8 + 16)
+    assert [model.get_layer(f"hyper{i}_resize").output.shape[1:3] for i in (2, 3)] == [(101, 101)] * 2
+    assert model.get_layer("logits").kernel.shape[2] == 28 + (IMAGE_FEATURES if empty_head else 0)
+    # the coarsest decoder level now reaches the logits directly: zero its weights in the final
+    # convolution and the output changes
+    x = images(2)
+    before = np.asarray(model(x))
+    kernel = model.get_layer("logits").kernel
+    k = np.asarray(kernel).copy()
+    k[:, :, 12:28] = 0  # dec3's 16 channels
+    kernel.assign(k)
+    assert np.abs(np.asarray(model(x)) - before).max() > 1e-4
+
+
+@pytest.mark.parametrize("policy", [None, "mixed_bfloat16"])
+def test_scse_hypercolumn_train_form_saving_and_gradients(policy, tmp_path):
+    kw = dict(base_filters=2, depth=2, blocks_per_level=1, scse=True, hypercolumn=True, empty_head=True)
+    train_form = build_resnet_unet(**kw, aux_outputs=True, dtype_policy=policy)
+    assert train_form.output_shape == (None, 101, 101, 3)
+    infer = build_resnet_unet(**kw, dtype_policy=policy)
+    assert {layer.name for layer in infer.layers} <= {layer.name for layer in train_form.layers}
+    x = images(4, seed=5)
+    train_form.compile(optimizer="adam", loss="mse")
+    before = [np.asarray(w).copy() for w in train_form.get_layer("dec2_scse_sse_conv").get_weights()]
+    train_form.fit(x, np.repeat((x > 0.5).astype(np.float32), 3, axis=-1), epochs=1, batch_size=2, verbose=0)
+    after = train_form.get_layer("dec2_scse_sse_conv").get_weights()
+    assert any(not np.allclose(a, b) for a, b in zip(after, before))  # gradients reach the coarse scSE block
+    out = np.asarray(infer(x))
+    infer.save(tmp_path / "m.keras")
+    np.testing.assert_array_equal(np.asarray(keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)(x)), out)

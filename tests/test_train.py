@@ -575,3 +575,14 @@ def test_image_loss_weight_scales_the_image_term(weight):
     loss = np.asarray(train.stage_loss({"empty_head": True, "image_loss_weight": weight}, "bce")(y, pred))
     np.testing.assert_allclose(loss - base, weight * bce, rtol=1e-4, atol=1e-5)
     assert train.DEFAULTS["image_loss_weight"] == 0.1  # the weight of every head model trained before it existed
+
+
+def test_build_model_passes_scse_and_hypercolumn():
+    """The parameters reach the model, in both its training and its inference form."""
+    cfg = {"base_filters": 2, "depth": 2, "blocks_per_level": 1, "empty_head": True, "mixed_precision": False}
+    plain = {layer.name for layer in train.build_model(cfg).layers}
+    assert not {"hypercolumn", "dec1_scse_add"} & plain
+    for for_inference in (False, True):
+        names = {layer.name for layer in train.build_model({**cfg, "scse": True, "hypercolumn": True},
+                                                            for_inference=for_inference).layers}
+        assert {"hypercolumn", "hyper2_resize", "dec1_scse_add", "dec2_scse_add"} <= names
