@@ -19,7 +19,8 @@ two residual blocks per level, depth 4, float32, dropout 0.5). ``--configs`` add
 the reference, e.g. ``w32`` (32 base filters), ``w16-bf16`` (mixed bfloat16), ``w32-bf16``,
 ``w16-b1`` (one residual block per level), ``w16-d3`` (depth 3), ``w16-bf16-x2`` (input enlarged
 to 202x202 inside the model, ``upscale: 2``), ``w16-p128`` (input zero-padded to 128x128 inside the
-model, ``pad_to: 128``).
+model, ``pad_to: 128``), ``w16-bf16-se-hc`` (scSE blocks in the decoder and a hypercolumn, ``scse`` and
+``hypercolumn``).
 
 The table gives ratios against the reference and a projection of the time the bundle needs to
 predict 18,000 images with flip TTA (model time plus PNG reading time measured on real test
@@ -46,8 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROJECTION_IMAGES = 18_000
 PROJECTION_LIMIT_S = 600.0
 REFERENCE = {"base_filters": 16, "depth": 4, "blocks_per_level": 2, "dropout": 0.5, "bf16": False, "upscale": 1,
-             "pad_to": 0}
-SHAPE_KEYS = ("base_filters", "depth", "blocks_per_level", "dropout", "upscale", "pad_to")
+             "pad_to": 0, "scse": False, "hypercolumn": False}
+SHAPE_KEYS = ("base_filters", "depth", "blocks_per_level", "dropout", "upscale", "pad_to", "scse", "hypercolumn")
 
 
 # --------------------------------------------------------------------------- worker (one subprocess)
@@ -178,7 +179,7 @@ def worker(spec: dict) -> dict:
         m = build_resnet_unet(
             base_filters=spec["base_filters"], depth=spec["depth"], blocks_per_level=spec["blocks_per_level"],
             dropout=spec["dropout"], dtype_policy="mixed_bfloat16" if spec["bf16"] else None,
-            upscale=spec["upscale"], pad_to=spec["pad_to"],
+            upscale=spec["upscale"], pad_to=spec["pad_to"], scse=spec["scse"], hypercolumn=spec["hypercolumn"],
         )
         models = [m]
         b = predict.Bundle(models=models, tta=True)
@@ -239,15 +240,20 @@ def default_bundle() -> Path | None:
 
 
 def parse_variant(text: str) -> dict:
-    """``w<filters>[-bf16][-b<blocks>][-d<depth>][-drop<rate>][-x<upscale>][-p<pad_to>]`` -> a reference-like model spec."""
-    m = re.fullmatch(r"w(\d+)((?:-bf16|-fp32|-b\d+|-d\d+|-drop[0-9.]+|-x\d|-p\d+)*)", text.strip())
+    """``w<filters>[-bf16][-b<blocks>][-d<depth>][-drop<rate>][-x<upscale>][-p<pad_to>][-se][-hc]`` -> a
+    reference-like model spec (``-se``: scSE blocks, ``-hc``: hypercolumn)."""
+    m = re.fullmatch(r"w(\d+)((?:-bf16|-fp32|-b\d+|-d\d+|-drop[0-9.]+|-x\d|-p\d+|-se|-hc)*)", text.strip())
     if not m:
         raise SystemExit(f"--configs {text!r}: expected w<filters>[-bf16][-b<blocks>][-d<depth>][-drop<rate>][-x<upscale>]"
-                         "[-p<pad_to>], e.g. w32-bf16, w16-bf16-x2 or w16-p128")
+                         "[-p<pad_to>][-se][-hc], e.g. w32-bf16, w16-bf16-x2, w16-p128 or w16-bf16-se-hc")
     spec = dict(REFERENCE, base_filters=int(m.group(1)), name=text.strip())
     for part in filter(None, m.group(2).split("-")):
         if part == "bf16":
             spec["bf16"] = True
+        elif part == "se":
+            spec["scse"] = True
+        elif part == "hc":
+            spec["hypercolumn"] = True
         elif part == "fp32":
             spec["bf16"] = False
         elif part.startswith("drop"):

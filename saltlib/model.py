@@ -142,7 +142,8 @@ def build_resnet_unet(
         scse: end every decoder level with an scSE block (:func:`scse_block`, layers ``dec{i}_scse_*``).
         hypercolumn: the final convolution(s) see the concatenation (``hypercolumn``) of every
             decoder level's output, the coarser ones enlarged bilinearly (``hyper{i}_resize``) to
-            the full size: ``base_filters * (2**depth - 1)`` channels instead of ``base_filters``.
+            the full size: ``base_filters * (2**depth - 1)`` channels instead of ``base_filters``
+            (with ``depth`` 1 there is one decoder level and nothing to add).
         name: model name.
     Returns:
         a ``keras.Model`` mapping ``(B, H, W, C)`` images in [0, 1] to ``(B, H, W, 1)`` float32

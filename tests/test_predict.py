@@ -651,6 +651,8 @@ def test_benchmark_projection_ceiling():
     ("w16-b1-d3-drop0.1", {"blocks_per_level": 1, "depth": 3, "dropout": 0.1}),
     ("w16-p128", {"pad_to": 128, "upscale": 1}),
     ("w16-x2-p208", {"pad_to": 208, "upscale": 2}),
+    ("w16-bf16-se-hc", {"bf16": True, "scse": True, "hypercolumn": True}),
+    ("w16-hc", {"scse": False, "hypercolumn": True}),
 ])
 def test_benchmark_variants(text, expected):
     bench = _benchmark_module()
