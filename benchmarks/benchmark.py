@@ -48,6 +48,7 @@ PROJECTION_IMAGES = 18_000
 PROJECTION_LIMIT_S = 600.0
 REFERENCE = {"base_filters": 16, "depth": 4, "blocks_per_level": 2, "dropout": 0.5, "bf16": False, "upscale": 1,
              "pad_to": 0, "scse": False, "hypercolumn": False}
+#: the model-shape keys of a spec: `build_resnet_unet` arguments of the same names
 SHAPE_KEYS = ("base_filters", "depth", "blocks_per_level", "dropout", "upscale", "pad_to", "scse", "hypercolumn")
 
 
@@ -177,9 +178,7 @@ def worker(spec: dict) -> dict:
     else:
         keras.utils.set_random_seed(0)
         m = build_resnet_unet(
-            base_filters=spec["base_filters"], depth=spec["depth"], blocks_per_level=spec["blocks_per_level"],
-            dropout=spec["dropout"], dtype_policy="mixed_bfloat16" if spec["bf16"] else None,
-            upscale=spec["upscale"], pad_to=spec["pad_to"], scse=spec["scse"], hypercolumn=spec["hypercolumn"],
+            **{k: spec[k] for k in SHAPE_KEYS}, dtype_policy="mixed_bfloat16" if spec["bf16"] else None,
         )
         models = [m]
         b = predict.Bundle(models=models, tta=True)

@@ -177,7 +177,7 @@ def build_resnet_unet(
             x = layers.Dropout(dropout / 2 if i == 0 else dropout, name=f"enc{i + 1}_drop", dtype=dt)(x)
     x = _level(x, base_filters * 2**depth, blocks_per_level, "middle", dt)
     bottleneck = x
-    decoded = []  # each decoder level's output, coarsest first
+    decoded = []  # each decoder level's output, dec{depth} (coarsest) first
     for i in reversed(range(depth)):
         skip = skips[i]
         f = base_filters * 2**i
@@ -194,12 +194,12 @@ def build_resnet_unet(
             x = scse_block(x, f"dec{i + 1}_scse", dtype=dt)
         decoded.append(x)
     if hypercolumn and depth > 1:
-        size = decoded[-1].shape[1:3]
-        coarse = [
-            layers.Resizing(*size, interpolation="bilinear", name=f"hyper{depth - j}_resize", dtype=dt)(d)
-            for j, d in enumerate(decoded[:-1])
+        finest, *coarser = reversed(decoded)  # dec1, then dec2, dec3, ...
+        enlarged = [
+            layers.Resizing(*finest.shape[1:3], interpolation="bilinear", name=f"hyper{i + 2}_resize", dtype=dt)(d)
+            for i, d in enumerate(coarser)
         ]
-        x = layers.Concatenate(name="hypercolumn", dtype=dt)([decoded[-1], *coarse[::-1]])
+        x = layers.Concatenate(name="hypercolumn", dtype=dt)([finest, *enlarged])
     if not empty_head:
         outputs = layers.Conv2D(1, 1, name="logits", dtype="float32")(x)
         return keras.Model(inputs, _downscale(_crop(outputs, crop), upscale), name=name)
