@@ -565,7 +565,7 @@ def test_benchmark_quick(bundle_dir, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     r = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--model", str(bundle_dir), "--quick",
-         "--reference", "w2-d1-b1", "--batch-size", "8", "--json", str(js)],
+         "--reference", "w2-d1-b1", "--batch-size", "8", "--infer-repeats", "2", "--json", str(js)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=180,
     )
     assert r.returncode == 0, r.stdout + r.stderr
@@ -579,6 +579,13 @@ def test_benchmark_quick(bundle_dir, tmp_path):
         assert row["train_img_s"] > 0 and row["infer_img_s"] > 0 and row["infer_tta_img_s"] > 0
         assert row["peak_rss_mb"] > 100
     assert res["projection"]["images"] == 18000 and res["projection"]["seconds"] > 0
+    for row in res["rows"]:  # two timings each; the median of two is their mean
+        for key in ("infer_img_s", "infer_tta_img_s"):
+            assert len(row[key + "_runs"]) == 2 and row[key] == pytest.approx(sum(row[key + "_runs"]) / 2)
+    slowest = 18000 / min(res["rows"][0]["infer_tta_img_s_runs"]) + res["projection"]["read_s"]
+    assert res["projection"]["slowest_seconds"] == pytest.approx(slowest)
+    assert res["projection"]["slowest_seconds"] >= res["projection"]["seconds"]
+    assert "at the slowest of the 2 timings" in out and "median of 2 timing(s)" in out
     assert "matrix multiply" in out and "GFLOP/img" in out
     assert res["machine"]["matmul_gflop_s"] > 0 and 0 < res["projection"]["ceiling_model_s"]
     for row in res["rows"][:2]:
