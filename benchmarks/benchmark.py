@@ -197,7 +197,7 @@ def worker(spec: dict) -> dict:
     x, _ = _synthetic(n_inf, seed=1)
     b.predict_logits(x[: 2 * ib], batch_size=ib, tta=True)  # traces predict for every model
     runs = {False: [], True: []}
-    for _ in range(max(1, int(spec.get("infer_repeats", 1)))):  # interleaved, so a slow spell hits both
+    for _ in range(spec["infer_repeats"]):  # interleaved, so a slow spell hits both
         for tta in (False, True):
             t = time.perf_counter()
             b.predict_logits(x, batch_size=ib, tta=tta)
@@ -407,6 +407,8 @@ def main(argv=None) -> int:
     ap.add_argument("--verbose", action="store_true", help="show the workers' stderr (TensorFlow logs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.infer_repeats is not None and args.infer_repeats < 1:
+        ap.error(f"--infer-repeats must be at least 1, got {args.infer_repeats}")
     sys.path.insert(0, str(ROOT))
 
     if args.worker:
@@ -420,7 +422,7 @@ def main(argv=None) -> int:
         "train_steps": args.train_steps or (2 if q else 20),
         "warmup_steps": args.warmup_steps if args.warmup_steps is not None else (1 if q else 3),
         "infer_images": args.infer_images or (64 if q else 512),
-        "infer_repeats": args.infer_repeats or (1 if q else 3),
+        "infer_repeats": args.infer_repeats if args.infer_repeats is not None else (1 if q else 3),
         "quick": q,
     }
     specs = []

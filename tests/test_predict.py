@@ -685,3 +685,10 @@ def test_postprocess_cuts_where_the_sweep_cut(dtype):
     mask = predict.postprocess(v, 0.1)
     assert mask.sum() == area[0, 0] == (101 * 101 if dtype == np.float32 else 0)  # 0.1f is above 0.1, 0.1 in float16 below
     assert sweep["score"] == metric.competition_score(truth, mask)
+
+
+@pytest.mark.parametrize("repeats", ["0", "-2"])
+def test_benchmark_rejects_fewer_than_one_inference_timing(repeats, capsys):
+    with pytest.raises(SystemExit):
+        _benchmark_module().main(["--infer-repeats", repeats])
+    assert f"--infer-repeats must be at least 1, got {repeats}" in capsys.readouterr().err
