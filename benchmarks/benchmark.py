@@ -342,11 +342,15 @@ def print_table(rows: list[dict], ref: dict | None) -> list[dict]:
 def projection(bundle_row: dict, matmul_gflop_s: float | None = None) -> dict:
     """Seconds to predict PROJECTION_IMAGES images with the bundle and flip TTA, plus reading them.
 
+    ``seconds`` is at the median timing; ``slowest_seconds`` and ``fastest_seconds`` at the slowest and
+    fastest of the timings (on a shared VM the fastest is the nearest to the machine's uncontended speed).
+
     With ``matmul_gflop_s`` (the machine's float32 matrix-multiply rate), also ``ceiling_model_s``:
     the model time if every forward operation ran at that rate (2 passes per image with TTA), a
     lower bound that no runtime on this machine beats by much."""
     model_s = PROJECTION_IMAGES / bundle_row["infer_tta_img_s"]
-    slowest_model_s = PROJECTION_IMAGES / min(bundle_row.get("infer_tta_img_s_runs") or [bundle_row["infer_tta_img_s"]])
+    runs = bundle_row.get("infer_tta_img_s_runs") or [bundle_row["infer_tta_img_s"]]
+    slowest_model_s, fastest_model_s = PROJECTION_IMAGES / min(runs), PROJECTION_IMAGES / max(runs)
     reading = bundle_row.get("reading")
     read_s = PROJECTION_IMAGES * reading["s_per_image"] if reading else 0.0
     total = model_s + read_s
@@ -356,7 +360,7 @@ def projection(bundle_row: dict, matmul_gflop_s: float | None = None) -> dict:
     return {
         "images": PROJECTION_IMAGES, "tta": True, "model_s": model_s, "read_s": read_s,
         "read_measured": bool(reading), "seconds": total, "limit_s": PROJECTION_LIMIT_S,
-        "slowest_seconds": slowest_model_s + read_s,
+        "slowest_seconds": slowest_model_s + read_s, "fastest_seconds": fastest_model_s + read_s,
         "under_limit": total < PROJECTION_LIMIT_S, "ceiling_model_s": ceiling_s,
     }
 
@@ -467,9 +471,15 @@ def main(argv=None) -> int:
             f"\nprojection: {PROJECTION_IMAGES:,} images with the bundle ({rows[0]['n_models']} model(s), flip TTA): "
             f"{pr['seconds'] / 60:.1f} min ({pr['model_s']:.0f} s model, {read}) -> "
             f"{'UNDER' if pr['under_limit'] else 'OVER'} the 10-minute target"
-            + (f"; {pr['slowest_seconds'] / 60:.1f} min at the slowest of the {common['infer_repeats']} timings"
+            + (f"; {pr['slowest_seconds'] / 60:.1f} min at the slowest of the {common['infer_repeats']} timings, "
+               f"{pr['fastest_seconds'] / 60:.1f} min at the fastest"
                if common["infer_repeats"] > 1 else "")
         )
+        if common["infer_repeats"] > 1:
+            print("  each timing, images/s (" + "; ".join(
+                f"{r['name']}: " + ", ".join(f"{v:.1f}" for v in r["infer_img_s_runs"]) + " / TTA "
+                + ", ".join(f"{v:.1f}" for v in r["infer_tta_img_s_runs"]) for r in rows if r.get("infer_tta_img_s_runs"))
+                + "): a rate near 1/2 or 1/3 of the fastest points to contention for the VM's CPU rather than to the model")
         print(f"  at this machine's matrix-multiply rate the model part would still take {pr['ceiling_model_s'] / 60:.1f} min "
               f"({rows[0]['gflop_per_image']:.2f} GFLOP per image and pass, 2 passes with TTA)")
     if args.json:

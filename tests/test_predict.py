@@ -585,7 +585,11 @@ def test_benchmark_quick(bundle_dir, tmp_path):
     slowest = 18000 / min(res["rows"][0]["infer_tta_img_s_runs"]) + res["projection"]["read_s"]
     assert res["projection"]["slowest_seconds"] == pytest.approx(slowest)
     assert res["projection"]["slowest_seconds"] >= res["projection"]["seconds"]
+    fastest = 18000 / max(res["rows"][0]["infer_tta_img_s_runs"]) + res["projection"]["read_s"]
+    assert res["projection"]["fastest_seconds"] == pytest.approx(fastest)
+    assert res["projection"]["fastest_seconds"] <= res["projection"]["seconds"]
     assert "at the slowest of the 2 timings" in out and "median of 2 timing(s)" in out
+    assert "min at the fastest" in out and "each timing, images/s (bundle: " in out
     assert "matrix multiply" in out and "GFLOP/img" in out
     assert res["machine"]["matmul_gflop_s"] > 0 and 0 < res["projection"]["ceiling_model_s"]
     for row in res["rows"][:2]:
@@ -650,6 +654,19 @@ def test_benchmark_projection_ceiling():
     assert pr["seconds"] == pytest.approx(600.0) and not pr["under_limit"]  # 18,000 / 30 = 600 s: not under
     assert pr["ceiling_model_s"] == pytest.approx(18_000 * 2 * 5.0 / 100.0)
     assert bench.projection(row)["ceiling_model_s"] is None
+
+
+def test_benchmark_projection_median_slowest_fastest():
+    """Three TTA timings of 12, 24 and 36 images/s (median 24): 18,000 images take 750 s at the median,
+    1,500 s at the slowest and 500 s at the fastest, plus 18,000 x 1 ms of reading each time."""
+    bench = _benchmark_module()
+    row = {"infer_tta_img_s": 24.0, "infer_tta_img_s_runs": [12.0, 36.0, 24.0],
+           "reading": {"s_per_image": 0.001}}
+    pr = bench.projection(row)
+    assert pr["model_s"] == pytest.approx(750.0) and pr["read_s"] == pytest.approx(18.0)
+    assert pr["seconds"] == pytest.approx(768.0)
+    assert pr["slowest_seconds"] == pytest.approx(1518.0) and pr["fastest_seconds"] == pytest.approx(518.0)
+    assert not pr["under_limit"]
 
 
 @pytest.mark.parametrize("text,expected", [
