@@ -6,7 +6,7 @@ For each configuration, in its own subprocess (so peak memory is clean):
 * inference images/s of the whole bundle (every ensemble member), without and with left-right
   flip TTA, on synthetic 101x101 images after a warm-up pass: the median of ``--infer-repeats``
   timings of each (3 by default; on a shared 2-core VM one timing can be twice as slow as the
-  next, so the slowest is reported too);
+  next, so every timing is printed, and the projection at the slowest and the fastest too);
 * training images/s of one model of that shape (``train_on_batch``, batch 32 by default, Adam,
   BCE + Lovász loss, synthetic images and masks), timed after warm-up steps;
 * peak resident memory (VmHWM of the process): after inference, and overall (after training);
