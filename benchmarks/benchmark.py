@@ -476,10 +476,13 @@ def main(argv=None) -> int:
                if common["infer_repeats"] > 1 else "")
         )
         if common["infer_repeats"] > 1:
-            print("  each timing, images/s (" + "; ".join(
-                f"{r['name']}: " + ", ".join(f"{v:.1f}" for v in r["infer_img_s_runs"]) + " / TTA "
-                + ", ".join(f"{v:.1f}" for v in r["infer_tta_img_s_runs"]) for r in rows if r.get("infer_tta_img_s_runs"))
-                + "): a rate near 1/2 or 1/3 of the fastest points to contention for the VM's CPU rather than to the model")
+            def rates(runs):
+                return ", ".join(f"{v:.1f}" for v in runs)
+
+            each = "; ".join(f"{r['name']}: {rates(r['infer_img_s_runs'])} / TTA {rates(r['infer_tta_img_s_runs'])}"
+                             for r in rows)
+            print(f"  each timing, images/s ({each}): a rate near 1/2 or 1/3 of the fastest points to contention"
+                  " for the VM's CPU rather than to the model")
         print(f"  at this machine's matrix-multiply rate the model part would still take {pr['ceiling_model_s'] / 60:.1f} min "
               f"({rows[0]['gflop_per_image']:.2f} GFLOP per image and pass, 2 passes with TTA)")
     if args.json:
