@@ -148,28 +148,38 @@ class Bundle:
     path: Path | None = None
     files: list = field(default_factory=list)
     input_shape: tuple = INPUT_SHAPE
+    _ensembles: dict = field(default_factory=dict, repr=False, compare=False)
 
     def predict_logits(self, images, batch_size: int = 64, tta: bool | None = None) -> np.ndarray:
         """Ensemble logits: the mean over models (each with flip TTA if enabled).
 
         Args:
             images: ``(N, 101, 101, 1)`` or ``(N, 101, 101)`` float32 images in [0, 1].
-            batch_size: images per forward pass.
+            batch_size: images per forward pass of a model (with TTA half of them are the
+                flipped copies).
             tta: override the bundle's TTA setting (None keeps it).
         Returns:
-            ``(N, 101, 101)`` float32 logits.
+            ``(N, 101, 101)`` float32 logits, the same numbers as
+            :func:`saltlib.train.predict_logits` model by model, averaged; computed by
+            :meth:`ensemble` in one graph.
         """
-        from .train import predict_logits
-
         x = _as_images(images, self.input_shape)
         use_tta = self.tta if tta is None else bool(tta)
         if len(x) == 0:
             return np.zeros((0,) + tuple(self.input_shape[:2]), np.float32)
-        total = None
-        for m in self.models:
-            logits = predict_logits(m, x, batch_size=batch_size, tta=use_tta)
-            total = logits if total is None else total + logits
-        return (total / len(self.models)).astype(np.float32, copy=False)
+        # with TTA each member sees the batch and its flip at once: half as many images per batch
+        per_batch = max(1, batch_size // 2) if use_tta else batch_size
+        logits = self.ensemble(use_tta).predict(x, batch_size=per_batch, verbose=0)
+        return np.asarray(logits, np.float32)
+
+    def ensemble(self, tta: bool):
+        """The models as one :class:`saltlib.model.FlipEnsemble` (built once per ``tta`` and model list)."""
+        from .model import FlipEnsemble
+
+        key = (bool(tta), tuple(id(m) for m in self.models))
+        if key not in self._ensembles:
+            self._ensembles[key] = FlipEnsemble(self.models, tta=bool(tta))
+        return self._ensembles[key]
 
     def predict_masks(self, images, batch_size: int = 64) -> np.ndarray:
         """:meth:`predict_logits` then :func:`postprocess` with the bundle's settings: bool ``(N,101,101)``."""

@@ -182,6 +182,37 @@ def test_bundle_round_trip_same_logits(models, bundle_dir):
     np.testing.assert_allclose(b.predict_logits(x[..., 0]), with_tta, atol=1e-6)
 
 
+def ramp_model(k: int):
+    """A model with hand-computable logits: the image times (k + 1) * column / 100."""
+    import keras
+
+    ramp = ((k + 1) * np.arange(101) / 100).astype(np.float32).reshape(1, 1, 101, 1)
+    inputs = keras.Input((101, 101, 1))
+    return keras.Model(inputs, keras.layers.Lambda(lambda t: t * ramp)(inputs), name=f"ramp{k}")
+
+
+@pytest.mark.parametrize("n,batch_size", [(5, 64), (5, 2), (7, 1), (1, 3)])
+def test_ensemble_flip_tta_hand_computed(n, batch_size):
+    """Two ramp models: without TTA the mean is 1.5 x column / 100; with TTA each ramp r(c) is
+    averaged with r(100 - c), so member k gives (k + 1) / 2 and the mean 0.75, whatever the column.
+    Any batch size, including one image per batch with TTA and batches that do not divide N."""
+    b = predict.Bundle(models=[ramp_model(0), ramp_model(1)], tta=True)
+    x = tiny_images(n)[..., 0]
+    np.testing.assert_allclose(b.predict_logits(x, batch_size=batch_size), 0.75 * x, rtol=1e-6, atol=1e-7)
+    no_tta = b.predict_logits(x, batch_size=batch_size, tta=False)
+    np.testing.assert_allclose(no_tta, 1.5 * x * np.arange(101) / 100, rtol=1e-6, atol=1e-7)
+    assert no_tta.dtype == np.float32 and no_tta.shape == (n, 101, 101)
+    # one graph per TTA setting, built once
+    assert b.ensemble(True) is b.ensemble(True) and b.ensemble(True) is not b.ensemble(False)
+
+
+def test_flip_ensemble_needs_a_member():
+    from saltlib.model import FlipEnsemble
+
+    with pytest.raises(ValueError, match="at least one member"):
+        FlipEnsemble([])
+
+
 def test_write_bundle_rewrites_in_place_and_drops_stale_files(models, tmp_path):
     paths, _ = models
     d = predict.write_bundle(tmp_path / "b", paths, 0.0, 0, False)
