@@ -55,6 +55,28 @@ SHAPE_KEYS = ("base_filters", "depth", "blocks_per_level", "dropout", "upscale",
 
 
 # --------------------------------------------------------------------------- worker (one subprocess)
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """Machine-wide CPU time so far, (all, idle + iowait) in jiffies, from /proc/stat (None elsewhere)."""
+    try:
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(v[:8]), v[3] + v[4]) if len(v) > 4 else None
+
+
+def idle_share(before, after) -> float | None:
+    """The share of the machine's CPU time that was idle between two :func:`_cpu_jiffies` readings.
+
+    Args:
+        before, after: ``(all, idle)`` jiffies, or None where /proc/stat is not readable.
+    Returns:
+        a fraction in [0, 1], or None (no reading, or no time passed).
+    """
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return (after[1] - before[1]) / (after[0] - before[0])
+
+
 def _rss_mb() -> tuple[float, float]:
     """(current RSS, peak RSS) of this process in MB, from /proc (ru_maxrss as a fallback)."""
     cur = peak = None
@@ -197,15 +219,17 @@ def worker(spec: dict) -> dict:
     x, _ = _synthetic(n_inf, seed=1)
     for tta in (False, True):  # traces the ensemble's graph of each setting
         b.predict_logits(x[: 2 * ib], batch_size=ib, tta=tta)
-    runs = {False: [], True: []}
+    runs, idle = {False: [], True: []}, {False: [], True: []}
     for _ in range(spec["infer_repeats"]):  # interleaved, so a slow spell hits both
         for tta in (False, True):
-            t = time.perf_counter()
+            cpu, t = _cpu_jiffies(), time.perf_counter()
             b.predict_logits(x, batch_size=ib, tta=tta)
             runs[tta].append(n_inf / (time.perf_counter() - t))
+            idle[tta].append(idle_share(cpu, _cpu_jiffies()))
     for tta, key in ((False, "infer_img_s"), (True, "infer_tta_img_s")):
         res[key] = float(np.median(runs[tta]))
         res[key + "_runs"] = [float(v) for v in runs[tta]]
+        res[key + "_idle"] = idle[tta]  # the machine's idle CPU share during each timing (None: unknown)
     res["infer_gflop_s"] = res["infer_img_s"] * res["gflop_per_image"]
     res["peak_rss_infer_mb"] = round(_rss_mb()[1], 1)
 
@@ -477,13 +501,16 @@ def main(argv=None) -> int:
                if common["infer_repeats"] > 1 else "")
         )
         if common["infer_repeats"] > 1:
-            def rates(runs):
-                return ", ".join(f"{v:.1f}" for v in runs)
+            def rates(row, key):
+                idle = row.get(key + "_idle") or [None] * len(row[key + "_runs"])
+                return ", ".join(f"{v:.1f}" + (f" ({100 * i:.0f}% idle)" if i is not None else "")
+                                 for v, i in zip(row[key + "_runs"], idle))
 
-            each = "; ".join(f"{r['name']}: {rates(r['infer_img_s_runs'])} / TTA {rates(r['infer_tta_img_s_runs'])}"
+            each = "; ".join(f"{r['name']}: {rates(r, 'infer_img_s')} / TTA {rates(r, 'infer_tta_img_s')}"
                              for r in rows)
-            print(f"  each timing, images/s ({each}): a rate near 1/2 or 1/3 of the fastest points to contention"
-                  " for the VM's CPU rather than to the model")
+            print(f"  each timing, images/s, with the machine's idle CPU share ({each}): a rate near 1/2 or 1/3 of the "
+                  "fastest with the CPU partly idle points to stalls (threads waiting, or the VM) rather than to the "
+                  "model's cost (README, Speed)")
         print(f"  at this machine's matrix-multiply rate the model part would still take {pr['ceiling_model_s'] / 60:.1f} min "
               f"({rows[0]['gflop_per_image']:.2f} GFLOP per image and pass, 2 passes with TTA)")
     if args.json:

@@ -620,12 +620,28 @@ def test_benchmark_quick(bundle_dir, tmp_path):
     assert res["projection"]["fastest_seconds"] == pytest.approx(fastest)
     assert res["projection"]["fastest_seconds"] <= res["projection"]["seconds"]
     assert "at the slowest of the 2 timings" in out and "median of 2 timing(s)" in out
-    assert "min at the fastest" in out and "each timing, images/s (bundle: " in out
+    assert "min at the fastest" in out and "each timing, images/s, with the machine's idle CPU share (bundle: " in out
+    for row in res["rows"]:  # the idle share of each timing, where /proc/stat is readable
+        for key in ("infer_img_s_idle", "infer_tta_img_s_idle"):
+            assert len(row[key]) == 2 and all(i is None or 0 <= i <= 1 for i in row[key])
+            if Path("/proc/stat").exists():
+                assert None not in row[key] and "% idle)" in out
     assert "matrix multiply" in out and "GFLOP/img" in out
     assert res["machine"]["matmul_gflop_s"] > 0 and 0 < res["projection"]["ceiling_model_s"]
     for row in res["rows"][:2]:
         assert row["gflop_per_image"] > 0
         assert row["infer_gflop_s"] == pytest.approx(row["infer_img_s"] * row["gflop_per_image"])
+
+
+@pytest.mark.parametrize("before,after,share", [
+    ((1000, 200), (1400, 300), 0.25),  # 400 jiffies passed, 100 of them idle
+    ((1000, 200), (1400, 200), 0.0),
+    ((1000, 200), (1400, 600), 1.0),
+    ((1000, 200), (1000, 200), None),  # no time passed
+    (None, (1400, 300), None),  # no /proc/stat
+])
+def test_benchmark_idle_share(before, after, share):
+    assert _benchmark_module().idle_share(before, after) == share
 
 
 def _benchmark_module():
