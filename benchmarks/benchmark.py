@@ -6,7 +6,8 @@ For each configuration, in its own subprocess (so peak memory is clean):
 * inference images/s of the whole bundle (every ensemble member), without and with left-right
   flip TTA, on synthetic 101x101 images after a warm-up pass: the median of ``--infer-repeats``
   timings of each (3 by default; on a shared 2-core VM one timing can be twice as slow as the
-  next, so every timing is printed, and the projection at the slowest and the fastest too);
+  next, so every timing is printed, with the machine's idle CPU share during it, and the
+  projection at the slowest and the fastest too);
 * training images/s of one model of that shape (``train_on_batch``, batch 32 by default, Adam,
   BCE + Lovász loss, synthetic images and masks), timed after warm-up steps;
 * peak resident memory (VmHWM of the process): after inference, and overall (after training);
@@ -502,9 +503,8 @@ def main(argv=None) -> int:
         )
         if common["infer_repeats"] > 1:
             def rates(row, key):
-                idle = row.get(key + "_idle") or [None] * len(row[key + "_runs"])
                 return ", ".join(f"{v:.1f}" + (f" ({100 * i:.0f}% idle)" if i is not None else "")
-                                 for v, i in zip(row[key + "_runs"], idle))
+                                 for v, i in zip(row[key + "_runs"], row[key + "_idle"]))
 
             each = "; ".join(f"{r['name']}: {rates(r, 'infer_img_s')} / TTA {rates(r, 'infer_tta_img_s')}"
                              for r in rows)
