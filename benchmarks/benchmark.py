@@ -193,8 +193,11 @@ def worker(spec: dict) -> dict:
     from saltlib.model import build_resnet_unet
 
     res = {"name": spec["name"], "rss_after_import_mb": round(_rss_mb()[0], 1)}
+    from saltlib import litert
+
+    runtime = litert.resolve_runtime(spec.get("runtime", "keras"))
     if spec.get("bundle"):
-        b = predict.load_bundle(spec["bundle"])
+        b = predict.load_bundle(spec["bundle"], runtime=runtime)
         models = b.models
         res.update(
             source=str(spec["bundle"]), n_models=len(models), bundle_tta=b.tta,
@@ -206,7 +209,8 @@ def worker(spec: dict) -> dict:
             **{k: spec[k] for k in SHAPE_KEYS}, dtype_policy="mixed_bfloat16" if spec["bf16"] else None,
         )
         models = [m]
-        b = predict.Bundle(models=models, tta=True)
+        # TensorFlow Lite runs float32 only: a bfloat16 variant is measured with Keras
+        b = predict.Bundle(models=models, tta=True, runtime="keras" if spec["bf16"] else runtime)
         res.update(
             n_models=1, dtype="mixed_bfloat16" if spec["bf16"] else "float32",
             shape={k: spec[k] for k in SHAPE_KEYS},
@@ -218,7 +222,12 @@ def worker(spec: dict) -> dict:
     # inference: whole ensemble, without and with flip TTA, after a warm-up on the same shapes
     n_inf, ib = spec["infer_images"], spec["infer_batch_size"]
     x, _ = _synthetic(n_inf, seed=1)
-    for tta in (False, True):  # traces the ensemble's graph of each setting
+    res["runtime"] = b.runtime
+    t = time.perf_counter()
+    if b.runtime == "tflite":  # what `salt predict` does once before predicting (TTA as stored)
+        b.lite(True)
+    res["convert_s"] = time.perf_counter() - t
+    for tta in (False, True):  # traces the ensemble's graph of each setting (converts it with tflite)
         b.predict_logits(x[: 2 * ib], batch_size=ib, tta=tta)
     runs, idle = {False: [], True: []}, {False: [], True: []}
     for _ in range(spec["infer_repeats"]):  # interleaved, so a slow spell hits both
@@ -330,6 +339,7 @@ def print_table(rows: list[dict], ref: dict | None) -> list[dict]:
         ("models", lambda r: str(r["n_models"]), 6),
         ("params/model", lambda r: f"{r['params_per_model']:,}", 12),
         ("dtype", lambda r: r["dtype"].replace("mixed_", ""), 9),  # inference (training: train_dtype if given)
+        ("runtime", lambda r: r.get("runtime", "keras"), 7),  # inference
         ("train img/s", lambda r: _fmt(r["train_img_s"]), 11),
         ("infer img/s", lambda r: _fmt(r["infer_img_s"]), 11),
         ("infer+TTA img/s", lambda r: _fmt(r["infer_tta_img_s"]), 15),
@@ -379,14 +389,15 @@ def projection(bundle_row: dict, matmul_gflop_s: float | None = None) -> dict:
     slowest_model_s, fastest_model_s = PROJECTION_IMAGES / min(runs), PROJECTION_IMAGES / max(runs)
     reading = bundle_row.get("reading")
     read_s = PROJECTION_IMAGES * reading["s_per_image"] if reading else 0.0
-    total = model_s + read_s
+    convert_s = bundle_row.get("convert_s") or 0.0  # TensorFlow Lite: converting the ensemble, once
+    total = model_s + read_s + convert_s
     ceiling_s = None
     if matmul_gflop_s and bundle_row.get("gflop_per_image"):
         ceiling_s = PROJECTION_IMAGES * 2 * bundle_row["gflop_per_image"] / matmul_gflop_s
     return {
-        "images": PROJECTION_IMAGES, "tta": True, "model_s": model_s, "read_s": read_s,
+        "images": PROJECTION_IMAGES, "tta": True, "model_s": model_s, "read_s": read_s, "convert_s": convert_s,
         "read_measured": bool(reading), "seconds": total, "limit_s": PROJECTION_LIMIT_S,
-        "slowest_seconds": slowest_model_s + read_s, "fastest_seconds": fastest_model_s + read_s,
+        "slowest_seconds": slowest_model_s + read_s + convert_s, "fastest_seconds": fastest_model_s + read_s + convert_s,
         "under_limit": total < PROJECTION_LIMIT_S, "ceiling_model_s": ceiling_s,
     }
 
@@ -422,6 +433,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bundle", action="store_true", help="measure only the reference (and --configs)")
     ap.add_argument("--quick", action="store_true", help="few steps and images: a smoke run of the script")
     ap.add_argument("--configs", default="", help="comma-separated extra variants, e.g. w32,w16-bf16,w32-bf16,w16-b1")
+    ap.add_argument("--runtime", choices=("auto", "keras", "tflite"), default="auto",
+                    help="what runs inference: auto (default, as `salt predict`: TensorFlow Lite on a CPU without "
+                         "native bfloat16, Keras elsewhere), keras or tflite (float32 models only)")
     ap.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
     ap.add_argument("--infer-batch-size", type=int, default=64, help="inference batch size (default 64)")
     ap.add_argument("--train-steps", type=int, help="timed training steps (default 20, quick 2)")
@@ -449,6 +463,7 @@ def main(argv=None) -> int:
     common = {
         "batch_size": args.batch_size,
         "infer_batch_size": args.infer_batch_size,
+        "runtime": args.runtime,
         "train_steps": args.train_steps or (2 if q else 20),
         "warmup_steps": args.warmup_steps if args.warmup_steps is not None else (1 if q else 3),
         "infer_images": args.infer_images or (64 if q else 512),
@@ -475,7 +490,8 @@ def main(argv=None) -> int:
           f"Keras {info.get('keras', '?')}; {info['bfloat16']}")
     print(f"training: batch {common['batch_size']}, {common['warmup_steps']} warm-up + {common['train_steps']} timed "
           f"steps, synthetic data, bce+lovasz; inference: {common['infer_images']} images, batch "
-          f"{common['infer_batch_size']}, median of {common['infer_repeats']} timing(s){' (QUICK: figures are rough)' if q else ''}")
+          f"{common['infer_batch_size']}, median of {common['infer_repeats']} timing(s), runtime {common['runtime']}"
+          f"{' (QUICK: figures are rough)' if q else ''}")
     print(f"reference: {ref_spec['base_filters']} base filters, 101x101, depth {ref_spec['depth']}, "
           f"{ref_spec['blocks_per_level']} residual block(s) per level, {'bfloat16' if ref_spec['bf16'] else 'float32'}, "
           f"dropout {ref_spec['dropout']:g}{'' if args.reference == 'w16' else ' (NOT the original shape)'}\n")
@@ -495,7 +511,8 @@ def main(argv=None) -> int:
         read = (f"{pr['read_s']:.0f} s reading PNGs" if pr["read_measured"] else "PNG reading not measured (no data)")
         print(
             f"\nprojection: {PROJECTION_IMAGES:,} images with the bundle ({rows[0]['n_models']} model(s), flip TTA): "
-            f"{pr['seconds'] / 60:.1f} min ({pr['model_s']:.0f} s model, {read}) -> "
+            f"{pr['seconds'] / 60:.1f} min ({pr['model_s']:.0f} s model with {rows[0]['runtime']}, {read}"
+            + (f", {pr['convert_s']:.0f} s converting to TensorFlow Lite" if pr["convert_s"] else "") + ") -> "
             f"{'UNDER' if pr['under_limit'] else 'OVER'} the 10-minute target"
             + (f"; {pr['slowest_seconds'] / 60:.1f} min at the slowest of the {common['infer_repeats']} timings, "
                f"{pr['fastest_seconds'] / 60:.1f} min at the fastest"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saltlib import predict, rle
+from saltlib import litert, predict, rle
 from saltlib.data import DataError
 from saltlib.predict import BundleError
 
@@ -613,10 +613,15 @@ def test_benchmark_quick(bundle_dir, tmp_path):
     for row in res["rows"]:  # two timings each; the median of two is their mean
         for key in ("infer_img_s", "infer_tta_img_s"):
             assert len(row[key + "_runs"]) == 2 and row[key] == pytest.approx(sum(row[key + "_runs"]) / 2)
-    slowest = 18000 / min(res["rows"][0]["infer_tta_img_s_runs"]) + res["projection"]["read_s"]
+    pr = res["projection"]
+    # the bundle's runtime as `salt predict` picks it; TensorFlow Lite adds its one conversion
+    assert res["rows"][0]["runtime"] == litert.resolve_runtime("auto")
+    assert (pr["convert_s"] > 0) == (res["rows"][0]["runtime"] == "tflite") and pr["convert_s"] == res["rows"][0]["convert_s"]
+    assert ("s converting to TensorFlow Lite" in out) == (pr["convert_s"] > 0) and "runtime auto" in out
+    slowest = 18000 / min(res["rows"][0]["infer_tta_img_s_runs"]) + pr["read_s"] + pr["convert_s"]
     assert res["projection"]["slowest_seconds"] == pytest.approx(slowest)
     assert res["projection"]["slowest_seconds"] >= res["projection"]["seconds"]
-    fastest = 18000 / max(res["rows"][0]["infer_tta_img_s_runs"]) + res["projection"]["read_s"]
+    fastest = 18000 / max(res["rows"][0]["infer_tta_img_s_runs"]) + pr["read_s"] + pr["convert_s"]
     assert res["projection"]["fastest_seconds"] == pytest.approx(fastest)
     assert res["projection"]["fastest_seconds"] <= res["projection"]["seconds"]
     assert "at the slowest of the 2 timings" in out and "median of 2 timing(s)" in out
@@ -713,7 +718,11 @@ def test_benchmark_projection_median_slowest_fastest():
     assert pr["model_s"] == pytest.approx(750.0) and pr["read_s"] == pytest.approx(18.0)
     assert pr["seconds"] == pytest.approx(768.0)
     assert pr["slowest_seconds"] == pytest.approx(1518.0) and pr["fastest_seconds"] == pytest.approx(518.0)
-    assert not pr["under_limit"]
+    assert not pr["under_limit"] and pr["convert_s"] == 0.0
+    # a TensorFlow Lite row adds its conversion, once, to every projection
+    pr = bench.projection({**row, "convert_s": 12.0})
+    assert pr["convert_s"] == 12.0 and pr["seconds"] == pytest.approx(780.0)
+    assert pr["slowest_seconds"] == pytest.approx(1530.0) and pr["fastest_seconds"] == pytest.approx(530.0)
 
 
 @pytest.mark.parametrize("text,expected", [
