@@ -133,8 +133,8 @@ def main(argv=None) -> int:
                    help="auto (default): bfloat16 models compute in float32 unless the CPU/GPU has native bfloat16; "
                         "float32: always; stored: as stored")
     p.add_argument("--runtime", choices=("auto", "keras", "tflite"), default="auto",
-                   help="auto (default): TensorFlow Lite (float32, same logits, ~1.6x faster) on a CPU without native "
-                        "bfloat16, Keras elsewhere; keras / tflite: always that one")
+                   help="auto (default): TensorFlow Lite on a CPU without native bfloat16 (float32, same logits, "
+                        "1.4-1.8x faster there), Keras elsewhere; keras / tflite: always that one")
     p.add_argument("--tta", choices=("stored", "on", "off"), default="stored",
                    help="flip TTA: as the bundle says (default), or forced on/off (off: half the time)")
     p.add_argument("--members", metavar="I,J",

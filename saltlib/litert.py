@@ -1,14 +1,15 @@
 """Run a Keras model with TensorFlow Lite (XNNPACK) on the CPU: float32, the same logits, faster.
 
 On a CPU without native bfloat16 (the 2-core AMD EPYC with AVX2 of the later sessions), TensorFlow
-predicts the shipped two-model bundle with flip TTA at about 6.2 images/s; the same float32 graph
-converted to TensorFlow Lite and run by its XNNPACK delegate does about 10 images/s (256 random
-images, batches of 8/32/64, three interleaved timings: 9.5-10.3 against 6.2-6.9), and the logits
-differ by at most 7e-7. Quantizing was measured too and left out: int8 weights and activations ran at
-12.2 against 10.7 images/s and changed 0.4% of the mask pixels; int8 weights alone ran at 2.4.
+predicts the shipped two-model bundle with flip TTA at 6.2-7.4 images/s; the same float32 graph
+converted to TensorFlow Lite and run by its XNNPACK delegate on both cores at 10.7-11.1, at 94% of the
+machine's matrix-multiply rate, and ``salt predict`` writes the same submission byte for byte (the
+logits differ by at most 7e-7). Quantizing was measured too and left out: int8 weights and
+activations ran at 12.2 against 10.7 images/s and changed 0.4% of the mask pixels; int8 weights
+alone ran at 2.4. Figures: README, Speed, "TensorFlow Lite".
 
-:func:`convert` turns a model into TensorFlow Lite bytes (through a temporary SavedModel; about
-13 s for the shipped ensemble, seconds for a small one) and :class:`LiteModel` predicts with
+:func:`convert` turns a model into TensorFlow Lite bytes (its graph traced with the weights frozen:
+13-14 s for the shipped ensemble, seconds for a small one) and :class:`LiteModel` predicts with
 them. ``saltlib.predict`` uses them for ``runtime="tflite"`` (see :func:`resolve_runtime`).
 
 ``tf.lite.Interpreter`` is deprecated in favour of the ``ai_edge_litert`` package but still ships

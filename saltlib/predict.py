@@ -142,7 +142,7 @@ class Bundle:
         input_shape: ``(H, W, C)`` the models expect.
         runtime: what runs the models: ``"keras"`` (TensorFlow) or ``"tflite"`` (the ensemble
             converted once to TensorFlow Lite, float32, :mod:`saltlib.litert`; the same logits
-            within about 1e-6, about 1.6x faster on a CPU without native bfloat16).
+            within about 1e-6, 1.4-1.8x faster on a CPU without native bfloat16).
     """
 
     models: list

@@ -20,7 +20,7 @@ import numpy as np
 import papermill
 import pytest
 
-from saltlib import data, params, rle, runner
+from saltlib import data, litert, params, rle, runner
 
 NOTEBOOK_PATHS = [runner.NOTEBOOKS_DIR / f"{nb}.ipynb" for nb in runner.NOTEBOOKS]
 
@@ -119,6 +119,8 @@ def test_smoke_run_folder(smoke_ok):
               "train.json", "predict.json", "bundle/bundle.json", "models/fold0/model.keras",
               "models/fold0/oof.npz", "models/fold1/model.keras", "models/fold1/oof.npz"):
         assert (run / f).is_file(), f"missing {f}"
+    pred = json.loads((run / "predict.json").read_text())  # the runtime predict_folder picked here
+    assert pred["runtime"] == litert.resolve_runtime("auto") and pred["n_images"] > 0
     assert (smoke_ok.runs_dir / "index.html").is_file()
     assert "smoke/index.html" in (smoke_ok.runs_dir / "index.html").read_text()
     eda = json.loads((run / "eda.json").read_text())

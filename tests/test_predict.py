@@ -518,6 +518,13 @@ def test_cli_predict_missing_model_folder(tmp_path, images_dir):
     assert not (tmp_path / "s.csv").exists()
 
 
+def test_cli_predict_unknown_runtime(tmp_path, bundle_dir, images_dir):
+    r = _salt("predict", "--model", str(bundle_dir), "--images", str(images_dir), "--out", str(tmp_path / "s.csv"),
+              "--runtime", "onnx")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--runtime: invalid choice: 'onnx'" in r.stderr and not (tmp_path / "s.csv").exists()
+
+
 def test_cli_predict_bad_members(tmp_path, bundle_dir, images_dir):
     r = _salt("predict", "--model", str(bundle_dir), "--images", str(images_dir), "--out", str(tmp_path / "s.csv"),
               "--members", "0,2")
@@ -539,6 +546,16 @@ def test_cli_predict_end_to_end(tmp_path, bundle_dir, images_dir):
     assert r.returncode == 0, r.stderr
     assert "not as shipped: tta=False; models model1.keras only" in r.stdout
     assert len(predict.read_submission(fast)) == 7
+    # the runtime as asked, logged; both write the same submission
+    runs = {}
+    for runtime in ("keras", "tflite"):
+        runs[runtime] = tmp_path / f"{runtime}.csv"
+        r = _salt("predict", "--model", str(bundle_dir), "--images", str(images_dir), "--out", str(runs[runtime]),
+                  "--runtime", runtime)
+        assert r.returncode == 0, r.stderr
+        assert f"computing in float32 with {runtime}" in r.stdout
+        assert ("converted the ensemble to TensorFlow Lite" in r.stdout) == (runtime == "tflite")
+    assert runs["keras"].read_text() == runs["tflite"].read_text() == out.read_text()
 
 
 # --------------------------------------------------------------------------- compute dtype of bfloat16 bundles
