@@ -189,12 +189,10 @@ def worker(spec: dict) -> dict:
     import keras
     import numpy as np
 
-    from saltlib import hardware, predict, train
+    from saltlib import hardware, litert, predict, train
     from saltlib.model import build_resnet_unet
 
     res = {"name": spec["name"], "rss_after_import_mb": round(_rss_mb()[0], 1)}
-    from saltlib import litert
-
     runtime = litert.resolve_runtime(spec.get("runtime", "keras"))
     if spec.get("bundle"):
         b = predict.load_bundle(spec["bundle"], runtime=runtime)

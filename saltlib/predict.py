@@ -432,7 +432,7 @@ def load_bundle(path, compute_dtype: str = "auto", members=None, runtime: str = 
         runtime: ``"keras"`` (default), ``"tflite"`` (TensorFlow Lite, float32: with ``"auto"``
             compute, bfloat16 models are rebuilt in float32) or ``"auto"``
             (:func:`saltlib.litert.resolve_runtime`: TensorFlow Lite on a CPU without native
-            bfloat16, Keras elsewhere).
+            bfloat16, Keras elsewhere, and Keras with ``compute_dtype="stored"``).
     Returns:
         a :class:`Bundle`.
     Raises:
@@ -460,7 +460,8 @@ def load_bundle(path, compute_dtype: str = "auto", members=None, runtime: str = 
 
     from . import hardware
 
-    runtime = litert.resolve_runtime(runtime)
+    # "stored" asks for the stored compute dtype, which TensorFlow Lite may not run: "auto" keeps Keras then
+    runtime = "keras" if runtime == "auto" and compute_dtype == "stored" else litert.resolve_runtime(runtime)
     if runtime == "tflite":
         compute_dtype = "float32"
     models = []

@@ -73,6 +73,8 @@ def test_bundle_rejects_unknown_runtime(bundle_dir):
         predict.load_bundle(bundle_dir, runtime="onnx")
     with pytest.raises(ValueError, match="float32 only"):
         predict.load_bundle(bundle_dir, runtime="tflite", compute_dtype="stored")
+    # "auto" with the stored compute dtype keeps Keras (TensorFlow Lite would recompute in float32)
+    assert predict.load_bundle(bundle_dir, runtime="auto", compute_dtype="stored").runtime == "keras"
     b = predict.Bundle(models=[ramp_model(0)], runtime="auto")
     with pytest.raises(ValueError, match="Bundle.runtime must be 'keras' or 'tflite', got 'auto'"):
         b.predict_logits(tiny_images(1))
