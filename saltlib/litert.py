@@ -67,6 +67,12 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
+def check_runtime(runtime: str) -> None:
+    """Raise ValueError, listing the valid settings, unless ``runtime`` is one of :data:`RUNTIMES`."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(map(repr, RUNTIMES))}, got {runtime!r}")
+
+
 def resolve_runtime(runtime: str) -> str:
     """``"keras"`` or ``"tflite"`` for a ``runtime`` setting.
 
@@ -77,8 +83,7 @@ def resolve_runtime(runtime: str) -> str:
     Raises:
         ValueError: an unknown setting (the message lists the valid ones).
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(map(repr, RUNTIMES))}, got {runtime!r}")
+    check_runtime(runtime)
     if runtime != "auto":
         return runtime
     from . import hardware

@@ -447,8 +447,7 @@ def load_bundle(path, compute_dtype: str = "auto", members=None, runtime: str = 
 
     if compute_dtype not in ("auto", "float32", "stored"):
         raise ValueError(f"compute_dtype must be 'auto', 'float32' or 'stored', got {compute_dtype!r}")
-    if runtime not in litert.RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(map(repr, litert.RUNTIMES))}, got {runtime!r}")
+    litert.check_runtime(runtime)  # before reading any file, as compute_dtype
     if runtime == "tflite" and compute_dtype == "stored":
         raise ValueError("runtime 'tflite' runs float32 only: use compute_dtype 'auto' or 'float32', not 'stored'")
     path = Path(path)

@@ -60,7 +60,7 @@ def test_bundle_tflite_ensemble_hand_computed(n, batch_size):
 
 
 def test_bundle_runtimes_agree(bundle_dir):
-    """A saved bundle of two tiny U-Nets: the same logits and masks with either runtime."""
+    """A saved bundle of two tiny U-Nets: the same logits with either runtime."""
     k = predict.load_bundle(bundle_dir, runtime="keras")
     t = predict.load_bundle(bundle_dir, runtime="tflite")
     assert (k.runtime, t.runtime) == ("keras", "tflite") and "with tflite" in t.describe()
