@@ -99,6 +99,7 @@ def _cmd_kernel(args) -> int:
 
 def main(argv=None) -> int:
     from .data import DataError
+    from .litert import ConversionError
     from .train import TrainingError
 
     parser = argparse.ArgumentParser(prog="salt", description="Salt segmentation runs and tools.")
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, ValueError, OSError, TrainingError) as e:  # OSError: missing, existing, unwritable paths
+    except (DataError, ValueError, OSError, TrainingError, ConversionError) as e:  # OSError: missing, existing, unwritable paths
         print(f"salt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

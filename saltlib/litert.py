@@ -48,6 +48,10 @@ def interpreter_class():
     return Interpreter
 
 
+class ConversionError(RuntimeError):
+    """A model could not be traced or converted to TensorFlow Lite (the message says which, and why)."""
+
+
 def available() -> bool:
     """Whether models can be converted to and run with TensorFlow Lite here."""
     try:
@@ -81,9 +85,17 @@ def resolve_runtime(runtime: str) -> str:
     runs float32 only, and it was not measured against them); Keras otherwise.
 
     Raises:
-        ValueError: an unknown setting (the message lists the valid ones).
+        ValueError: an unknown setting (the message lists the valid ones), or ``"tflite"`` where
+            TensorFlow Lite is not available (the message says why).
     """
     check_runtime(runtime)
+    if runtime == "tflite" and not available():
+        try:
+            interpreter_class()
+            why = "this TensorFlow has no tf.lite.TFLiteConverter"
+        except ImportError as e:
+            why = str(e)
+        raise ValueError(f"runtime 'tflite': {why}; use runtime 'keras' (or 'auto')")
     if runtime != "auto":
         return runtime
     from . import hardware
@@ -108,7 +120,7 @@ def convert(model, input_shape) -> bytes:
     Returns:
         the ``.tflite`` flatbuffer (weights in float32: about 4 bytes a parameter).
     Raises:
-        RuntimeError: the tracing, export or conversion failed (the message says which, and why).
+        ConversionError: the tracing, export or conversion failed (the message says which, and why).
     """
     import tensorflow as tf
 
@@ -129,11 +141,11 @@ def convert(model, input_shape) -> bytes:
                 model.export(tmp, format="tf_saved_model", input_signature=spec, verbose=False)
                 converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
         except Exception as e:
-            raise RuntimeError(f"cannot trace model {model.name!r} for TensorFlow Lite: {type(e).__name__}: {e}") from None
+            raise ConversionError(f"cannot trace model {model.name!r} for TensorFlow Lite: {type(e).__name__}: {e}") from None
         try:
             return converter.convert()
         except Exception as e:
-            raise RuntimeError(f"cannot convert model {model.name!r} to TensorFlow Lite: {type(e).__name__}: {e}") from None
+            raise ConversionError(f"cannot convert model {model.name!r} to TensorFlow Lite: {type(e).__name__}: {e}") from None
 
 
 class LiteModel:

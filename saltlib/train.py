@@ -196,15 +196,20 @@ def load_oof(models_dir, dataset, split: np.ndarray, folds) -> dict:
         dict of arrays concatenated over ``folds``: ``idx`` (positions in ``dataset``), ``logits``
         and ``logits_tta`` (float32 ``(M, H, W)``) and ``fold``.
     Raises:
-        ValueError: a fold's saved ids are not that fold of ``split`` (another seed, n_folds or limit).
+        ValueError: naming the file, when a fold's saved ids are not that fold of ``split`` (another
+            seed, n_folds or limit) or not all among ``dataset``'s images (another limit or data folder).
     """
     position = {i: k for k, i in enumerate(dataset.ids)}
     out = {"idx": [], "logits": [], "logits_tta": [], "fold": []}
     for f in folds:
         path = Path(models_dir) / f"fold{f}" / "oof.npz"
         z = np.load(path)
-        k = np.array([position[i] for i in z["ids"]])
-        if not (split[k] == f).all():
+        unknown = [str(i) for i in z["ids"] if i not in position]
+        if unknown:
+            raise ValueError(f"{path}: {len(unknown)} of its {len(z['ids'])} out-of-fold ids (e.g. {unknown[0]!r}) "
+                             f"are not among the {len(position)} images loaded (limit or data folder changed?)")
+        k = np.array([position[i] for i in z["ids"]], int)
+        if not (split[k] == f).all() or len(k) != (split == f).sum():
             raise ValueError(f"{path}: out-of-fold ids differ from fold {f} of the split (seed, n_folds or limit changed?)")
         out["idx"].append(k)
         out["logits"].append(z["logits"].astype(np.float32))

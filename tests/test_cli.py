@@ -59,3 +59,18 @@ def test_salt_train_checks_folds_like_a_parameter(tmp_path, capsys):
     assert cli.main(["train", smoke, "--out", str(tmp_path / "m"), "--folds", "0,x"]) == 2
     assert "salt train: error: --folds '0,x': expected fold numbers" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_salt_predict_names_a_model_that_does_not_convert(tmp_path, monkeypatch, capsys):
+    """A TensorFlow Lite conversion failure is one line naming the model, not a traceback."""
+    from saltlib import litert, predict
+
+    def fail(*args, **kwargs):
+        raise litert.ConversionError("cannot convert model 'ensemble' to TensorFlow Lite: ValueError: op X")
+
+    monkeypatch.setattr(predict, "predict_folder", fail)
+    argv = ["predict", "--model", str(tmp_path / "b"), "--images", str(tmp_path), "--out", str(tmp_path / "s.csv"),
+            "--runtime", "tflite"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == ("salt predict: error: cannot convert model 'ensemble' to TensorFlow Lite: "
+                                       "ValueError: op X\n")

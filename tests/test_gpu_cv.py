@@ -64,7 +64,7 @@ def test_fold_records_make_a_salt_train_fold(gpu_cv, tmp_path):
         "recipe.json": json.dumps({"seed": 42, "dropout": 0.25}).encode(),
         "timing.json": b'{"seconds": 287.1}',
         "done.json": json.dumps({"fold": 2, "epochs": 90, "seconds": 287.1, "val_score": 0.5,
-                                 "val_score_tta": 0.5, "models": ["model.keras"]}).encode(),
+                                 "val_score_tta": 0.5, "models": ["model.keras", "snapshot2.keras"]}).encode(),
     }
     logs = tmp_path / "logs.tar.gz"
     with tarfile.open(logs, "w:gz") as tar:
@@ -81,6 +81,7 @@ def test_fold_records_make_a_salt_train_fold(gpu_cv, tmp_path):
     done = io.read_json(dest / "done.json")
     assert done["val_score"] == 0.78 and done["val_score_tta"] == 0.79
     assert done["member_scores_tta"] == {"model.keras": 0.79}
+    assert done["models"] == ["model.keras"]  # the snapshot was not exported: the bundle must not list it
     assert done["hardware"] == "one test GPU" and done["epochs"] == 90
     gpu_cv._fold_records(tmp_path / "no-logs.tar.gz", 42, 3, tmp_path, row, "x")  # no archive: nothing written
     assert not (tmp_path / "done.json").exists()

@@ -32,10 +32,18 @@ def test_env_override(monkeypatch, value, native):
     assert f"SALT_BF16={value}" in hardware.describe()
 
 
-def test_detection_without_override_is_a_bool(monkeypatch):
+@pytest.mark.parametrize("gpu,cpu,native,says", [
+    (None, X86_BF16, True, "native on the CPU (avx512_bf16)"),  # no GPU: the CPU decides
+    (None, X86_AVX2, False, "not native on this CPU"),
+    (True, X86_AVX2, True, "native on the GPU(s)"),  # a GPU decides, whatever the CPU
+    (False, X86_BF16, False, "not native on the GPU(s) (compute capability < 8.0)"),
+])
+def test_detection_without_override_asks_the_gpu_first(monkeypatch, gpu, cpu, native, says):
     monkeypatch.delenv(hardware.ENV_OVERRIDE, raising=False)
-    assert isinstance(hardware.native_bfloat16(), bool)
-    assert "bfloat16" in hardware.describe()
+    monkeypatch.setattr(hardware, "gpu_bf16", lambda: gpu)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None, _f=hardware.cpu_flags: _f(cpu))
+    assert hardware.native_bfloat16() is native
+    assert says in hardware.describe()
 
 
 @pytest.mark.parametrize("setting,native,expected", [

@@ -113,3 +113,5 @@ def test_resolve_runtime_auto_keeps_keras_on_a_gpu_or_without_tflite(monkeypatch
     monkeypatch.setattr(hardware, "gpu_bf16", lambda: None)
     monkeypatch.setattr(litert, "available", lambda: False)
     assert litert.resolve_runtime("auto") == "keras"
+    with pytest.raises(ValueError, match="runtime 'tflite': .*use runtime 'keras'"):
+        litert.resolve_runtime("tflite")  # asked for by name where it is missing: said so, not a traceback later

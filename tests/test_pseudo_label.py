@@ -187,3 +187,53 @@ def test_labels_of_another_model_are_refused(fine_tuned, tmp_path, synthetic24):
         pseudo_label.main(["label", "--bundle", str(bundle), "--fold", "0", "--data-dir", str(synthetic24.root),
                            "--out", str(tmp_path / "x.npz")])
 
+
+
+def _hand_bundle(path, n_models, meta):
+    path.mkdir()
+    models = [f"model{k}.keras" for k in range(n_models)]
+    for m in models:
+        (path / m).write_bytes(b"not loaded")
+    spec = {"models": models, "threshold": 0.0, "min_size": 0, "tta": True, "meta": meta}
+    (path / "bundle.json").write_text(json.dumps(spec))
+    return path
+
+
+@pytest.mark.parametrize(
+    "meta, fold, index",
+    [
+        ({"folds": [0, 1]}, 1, 1),  # one model per fold, matched by position
+        ({"folds": [2, 0]}, 0, 1),
+        # two members per fold (final model, then a snapshot): fold 1's own final model is model2,
+        # not model1 (fold 0's snapshot, which trained on fold 1's images)
+        ({"folds": [0, 1], "members": {"0": [0, 1], "1": [2, 3]}}, 1, 2),
+        ({"folds": [0, 1], "members": {"0": [0, 1], "1": [2, 3]}}, 0, 0),
+    ],
+)
+def test_member_is_the_folds_own_final_model(tmp_path, meta, fold, index):
+    n = sum(len(v) for v in meta["members"].values()) if "members" in meta else len(meta["folds"])
+    spec, k = pseudo_label._member(_hand_bundle(tmp_path / "b", n, meta), fold)
+    assert k == index and spec["models"][k] == f"model{index}.keras"
+
+
+def test_member_refuses_a_bundle_with_snapshots_and_no_member_record(tmp_path):
+    bundle = _hand_bundle(tmp_path / "b", 4, {"folds": [0, 1]})
+    with pytest.raises(SystemExit, match=r"4 models for folds \[0, 1\] and no meta.members.*fold 1's"):
+        pseudo_label._member(bundle, 1)
+
+
+def test_a_bundle_whose_fold_held_out_other_images_is_refused(tiny_bundle, synthetic24, tmp_path):
+    bundle, _, _ = tiny_bundle
+    other = tmp_path / "b"
+    shutil.copytree(bundle, other)
+    spec = json.loads((other / "bundle.json").read_text())
+    assert spec["meta"].get("val_ids_sha256") is None  # the fixture's bundle does not record it: not checked
+    spec["meta"]["val_ids_sha256"] = {"1": "0" * 64}  # another split's fold 1
+    (other / "bundle.json").write_text(json.dumps(spec))
+    params_file = tmp_path / "p.yaml"
+    params_file.write_text(yaml.safe_dump({**HEAD, "stages": [{"loss": "lovasz", "epochs": 1, "lr": 0.001}]}))
+    args = ["train", "--bundle", str(other), "--fold", "1", "--params", str(params_file),
+            "--data-dir", str(synthetic24.root), "--out", str(tmp_path / "m")]
+    with pytest.raises(SystemExit, match="fold 1's held-out images differ"):
+        pseudo_label.main(args)
+    assert not (tmp_path / "m").exists()  # refused before anything was written

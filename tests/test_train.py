@@ -508,6 +508,14 @@ def test_load_oof_gathers_folds_and_checks_the_split(tmp_path):
     assert oof["logits_tta"][:, 0, 0].tolist() == [1.5, 1.5, 1.5, 0.5, 0.5]
     with pytest.raises(ValueError, match=r"fold0.oof\.npz: out-of-fold ids differ from fold 0"):
         train.load_oof(tmp_path, ds, np.zeros(5, int) + 1, [0])
+    # a sixth image in fold 0 that the saved file lacks (another limit): refused, not silently partial
+    bigger = SimpleNamespace(ids=np.array(["a", "b", "c", "d", "e", "f"]))
+    with pytest.raises(ValueError, match=r"fold0.oof\.npz: out-of-fold ids differ from fold 0"):
+        train.load_oof(tmp_path, bigger, np.array([1, 0, 1, 0, 1, 0]), [0])
+    # saved ids that are not among the images loaded (a smaller limit): named, not a bare KeyError
+    smaller = SimpleNamespace(ids=np.array(["a", "b", "c"]))
+    with pytest.raises(ValueError, match=r"fold0.oof\.npz: 1 of its 2 out-of-fold ids \(e\.g\. 'd'\) are not among the 3"):
+        train.load_oof(tmp_path, smaller, np.array([1, 0, 1]), [0])
 
 
 def _dense_model(seed: int):

@@ -354,8 +354,9 @@ def _float32(w: np.ndarray) -> np.ndarray:
 def _fold_records(logs, seed, fold, dest, row, hardware) -> None:
     """Make ``dest`` a fold folder as ``salt train`` leaves it (so ``salt run --resume`` and the
     model card use it): the worker's ``history.csv``, ``recipe.json``, ``split.json``, ``timing.json`` and
-    ``done.json`` from ``logs``, the scores replaced by those of the rebuilt model here, and
-    ``hardware`` (what trained it) added."""
+    ``done.json`` from ``logs``, the scores replaced by those of the rebuilt model here, its
+    ``models`` by that model alone (snapshot members are not exported: notebook 03 would look for
+    their files), and ``hardware`` (what trained it) added."""
     from saltlib import io
 
     if not Path(logs).exists():
@@ -369,7 +370,10 @@ def _fold_records(logs, seed, fold, dest, row, hardware) -> None:
                     tmp.write_bytes(tar.extractfile(member).read())
     if (dest / "done.json").exists():
         done = io.read_json(dest / "done.json")
-        done.update(val_score=row["val_score"], val_score_tta=row["val_score_tta"],
+        dropped = [m for m in done.get("models", []) if m != "model.keras"]
+        if dropped:  # only the final model is exported and rebuilt here; the scores above are its own
+            print(f"{dest}: the worker's {', '.join(dropped)} not exported; the fold's ensemble is model.keras alone")
+        done.update(val_score=row["val_score"], val_score_tta=row["val_score_tta"], models=["model.keras"],
                     member_scores_tta={"model.keras": row["val_score_tta"]}, hardware=hardware)
         io.write_json(dest / "done.json", done)
 

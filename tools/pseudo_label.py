@@ -88,9 +88,15 @@ def _member(bundle_dir, fold: int):
     from saltlib import predict
 
     spec = predict.read_bundle_spec(bundle_dir)
-    folds = list(spec["meta"].get("folds", []))
+    meta = spec["meta"]
+    folds = [int(f) for f in meta.get("folds", [])]
     if fold not in folds:
         raise SystemExit(f"{bundle_dir}: no model of fold {fold} (its folds: {folds})")
+    if "members" in meta:  # each fold's members, its final model first (saltlib.evaluate.bundle_layout)
+        return spec, int(meta["members"][str(fold)][0])
+    if len(spec["models"]) != len(folds):
+        raise SystemExit(f"{bundle_dir}: {len(spec['models'])} models for folds {folds} and no meta.members in "
+                         f"bundle.json, so which model is fold {fold}'s is unknown (snapshots?)")
     return spec, folds.index(fold)
 
 
@@ -124,6 +130,10 @@ def train(args) -> None:
                          f"{meta['seed']}/{meta['n_folds']}: the fold would validate on images its model trained on")
     ds = data.load_train(args.data_dir, limit=meta.get("limit") or None)  # the images the bundle's folds split
     split = data.kfold(ds, cfg["n_folds"], cfg["seed"])
+    digest = meta.get("val_ids_sha256", {}).get(str(args.fold))
+    if digest and digest != training.split_record(ds.ids, split, args.fold)["val_ids_sha256"]:
+        raise SystemExit(f"{args.bundle}: fold {args.fold}'s held-out images differ from this data's fold "
+                         f"{args.fold} (another data folder or limit?): the fold would validate on images its model trained on")
     if args.labels:
         z = np.load(args.labels)
         missing = {"ids", "images", "masks", "source", "sha256"} - set(z.files)
