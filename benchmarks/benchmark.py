@@ -180,6 +180,8 @@ def _training_twin(model, bf16: bool):
         aux_outputs=head,
         upscale=upscale,
         pad_to=pad_to,
+        scse=any(n.endswith("_cse_pool") for n in names),
+        hypercolumn="hypercolumn" in names,
     )
 
 

@@ -42,7 +42,7 @@ def _cmd_run(args) -> int:
 
     try:
         run_dir = runner.run_pipeline(args.params, name=args.name, overrides=args.set, runs_dir=args.runs_dir,
-                                      resume=args.resume)
+                                      resume=args.resume, force=args.force)
     except runner.RunError as e:
         print(f"salt run: error: {e}", file=sys.stderr)
         return 1
@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs-dir", default=None, help="where run folders go (default papermill_runs/)")
     p.add_argument("--resume", action="store_true",
                    help="run the failed or killed run --name again in its folder (training resumes from checkpoints)")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: also a run marked running on another host (killed with its machine)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("runs", help="list runs and write papermill_runs/index.html")

@@ -400,7 +400,7 @@ def _params_yaml(cfg: dict, source, overrides) -> str:
 
 
 def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=None, notebooks_dir=None,
-                 kernel_name: str = KERNEL_NAME, resume: bool = False) -> Path:
+                 kernel_name: str = KERNEL_NAME, resume: bool = False, force: bool = False) -> Path:
     """Execute notebooks 01-04 with a parameter file into a new run folder.
 
     Everything that can be checked is checked before the folder is created: the parameters
@@ -422,13 +422,15 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
         kernel_name: Jupyter kernel to execute with (installed by :func:`ensure_kernel` if ``salt``).
         resume: continue the failed or killed run ``name`` (see above), or run the notebooks on a folder
             holding only ``models/``, trained by ``salt train PARAMS --out <runs_dir>/<name>/models``.
+        force: with ``resume``, also continue a run marked running on another host (killed with its
+            machine; this host cannot check its process).
     Returns:
         the finished run folder.
     Raises:
         saltlib.params.ParamError: bad parameters (nothing created).
         saltlib.data.DataError: no data folder or a missing test folder (nothing created).
         FileExistsError: the named run folder exists (it is left untouched); with ``resume``, the run
-            finished or is still running.
+            finished or is still running (here, or on another host without ``force``).
         FileNotFoundError: with ``resume``, there is no such run.
         RunError: a notebook failed; ``run.json`` says ``failed`` and the partial notebook and its
             HTML report are kept.
@@ -469,11 +471,13 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
 
     runs_dir = Path(runs_dir) if runs_dir else default_runs_dir()
     attempts = []
+    if force and not resume:
+        raise ValueError("--force only applies to --resume")
     if resume:
         if name is None:
             raise ValueError("resuming needs the --name of the run to resume")
         run_dir = (runs_dir / name).resolve()
-        attempts = _prepare_resume(run_dir, {k: v for k, v in cfg.items() if k != "run_dir"})
+        attempts = _prepare_resume(run_dir, {k: v for k, v in cfg.items() if k != "run_dir"}, force=force)
     else:
         run_dir = _create_run_dir(runs_dir, name, Path(params_path).stem).resolve()
     cfg["run_dir"] = str(run_dir)
@@ -571,9 +575,12 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
 RESUME_MAY_CHANGE = ("test_dir", "test_limit")
 
 
-def _prepare_resume(run_dir: Path, cfg: dict) -> list:
+def _prepare_resume(run_dir: Path, cfg: dict, force: bool = False) -> list:
     """Check that ``run_dir`` holds a failed or killed run with parameters ``cfg`` and move its
-    notebooks, reports and results to ``attempts/<k>/``. Returns the updated list of attempts."""
+    notebooks, reports and results to ``attempts/<k>/``. Returns the updated list of attempts.
+
+    A run marked running on another host (its machine gone, or the folder copied here) cannot be
+    checked from here: it is refused unless ``force``. One running on this host is always refused."""
     info_path = run_dir / "run.json"
     if not info_path.is_file():
         if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} == {"models"}:
@@ -587,7 +594,16 @@ def _prepare_resume(run_dir: Path, cfg: dict) -> list:
     if status == "finished":
         raise FileExistsError(f"run {run_dir.name} finished; there is nothing to resume (pick a new --name)")
     if status == "running":
-        raise FileExistsError(f"run {run_dir.name} is still running (pid {old.get('host', {}).get('pid')})")
+        host = old.get("host") or {}
+        if host.get("hostname") == socket.gethostname():
+            raise FileExistsError(f"run {run_dir.name} is still running (pid {host.get('pid')})")
+        if not force:
+            raise FileExistsError(
+                f"run {run_dir.name} is marked running on host {host.get('hostname')!r} (pid {host.get('pid')}), "
+                f"which cannot be checked from {socket.gethostname()!r}; if it is no longer running there, "
+                "resume with --resume --force")
+        print(f"run {run_dir.name}: marked running on host {host.get('hostname')!r}; resumed here (--force)", flush=True)
+        status = "died"
     # a parameter added since the run was made counts as its default (the behaviour of that time)
     before = {**{k: v for k, v in params.defaults().items() if k in cfg}, **(old.get("params") or {})}
     differ = sorted(k for k in set(before) | set(cfg) if before.get(k) != cfg.get(k) and k not in RESUME_MAY_CHANGE)

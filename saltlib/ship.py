@@ -40,15 +40,16 @@ def _describe(diff: dict) -> str:
 
 
 def _train_commands(name: str, folds: list, fold_diff: dict) -> list:
-    """The ``salt train`` lines that reproduce the folds: one for the folds that follow
-    ``params.yaml``, and one per fold whose recipe differs (``--set`` with its recorded values)."""
+    """The ``salt train`` lines that reproduce ``folds``: one for the folds that follow
+    ``params.yaml``, and one per fold whose recipe differs (``--set`` with its recorded values).
+    ``fold_diff`` may name other folds (fine-tuned ones, reproduced by their own command): skipped."""
     out = f"--out papermill_runs/{name}/models"
     same = [f for f in folds if f not in fold_diff]
     lines = []
     if same:
         lines.append(f".venv/bin/salt train models/{name}/params.yaml --folds {','.join(map(str, same))} {out}   # resumable")
-    for f, diff in sorted(fold_diff.items()):
-        sets = " ".join(f"--set '{k}={json.dumps(v)}'" for k, v in diff.items())
+    for f in sorted(set(fold_diff) & set(folds)):
+        sets = " ".join(f"--set '{k}={json.dumps(v)}'" for k, v in fold_diff[f].items())
         lines.append(f".venv/bin/salt train models/{name}/params.yaml --folds {f} {out} {sets}")
     return lines
 
@@ -143,7 +144,9 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         f"  on: fold(s) {metrics['folds']} of a {metrics['n_folds']}-fold split stratified by salt coverage, with the",
         "  post-processing below. "
         + ("Flip TTA or not, the cut-off, the small-mask size and the largest-logit gate were chosen on these same"
-           " images (four" if metrics.get("peak_gate") is not None
+           " images (" + ("" if metrics.get("peak_gate") is not None else "no gate was chosen, but the choice was among"
+                          f" {len(p['peak_gates'])} gates as well; ") + "four"
+           if metrics.get("peak_gate") is not None or p.get("peak_gates")
            else "Flip TTA or not, the cut-off and the small-mask size were chosen on these same images (three"),
         "  numbers"
         + ("; the nested score below measures the optimism" if metrics.get("cv_score_nested") is not None else "")
@@ -275,7 +278,11 @@ def check_section(result: dict) -> str:
         f" stored model(s) of its fold computing in {r['compute_dtype']}, score **{r['shipped']:.4f}** with the"
         f" post-processing below ({per_fold}) and {r['untuned']:.4f} at logit 0 without TTA or small-mask removal.",
     ]
-    if r.get("card") is not None:
+    card_folds = r.get("card_folds")
+    if r.get("card") is not None and card_folds is not None and sorted(card_folds) != sorted(int(f) for f in r["folds"]):
+        lines[-1] += (f" The CV score above ({r['card']:.4f}) is over other images, fold(s) {card_folds} (the"
+                      " bundle's models and the other folds' own), from the logits saved at training time.")
+    elif r.get("card") is not None:
         lines[-1] += f" The CV score above ({r['card']:.4f}) comes from the logits saved at training time."
     lines[-1] += (
         f" Nested over {r['nested_over']}, with flip TTA or not, the cut-off, the size"

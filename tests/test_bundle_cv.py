@@ -88,6 +88,7 @@ def test_main_prints_the_three_scores(smoke_ok, new_bundle, split, capsys, no_ga
     assert result["nested"] == pytest.approx(nested.mean())
     assert f"as shipped: CV {result['shipped']:.4f}" in out
     assert "bundle.json records 0.5000 over folds [0, 1], from the training-time logits" in out
+    assert result["card_folds"] == [0, 1]
     assert f"nested over the 2 folds (TTA or not, cut-off, size{'' if no_gates else ', gate'} chosen on the others): " \
            f"{result['nested']:.4f}" in out
 

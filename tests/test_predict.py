@@ -676,8 +676,11 @@ def _benchmark_module():
     return bench
 
 
-@pytest.mark.parametrize("empty_head,upscale,pad_to", [(False, 1, 0), (True, 1, 0), (True, 2, 0), (True, 1, 128)])
-def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head, upscale, pad_to):
+@pytest.mark.parametrize("empty_head,upscale,pad_to,scse,hypercolumn", [
+    (False, 1, 0, False, False), (True, 1, 0, False, False), (True, 2, 0, False, False), (True, 1, 128, False, False),
+    (True, 1, 0, True, False), (True, 1, 0, False, True), (False, 1, 0, True, True),
+])
+def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head, upscale, pad_to, scse, hypercolumn):
     """A bundle model is timed through a twin of the same shape (mixed bfloat16 where the machine has
     it natively, else float32: what ``mixed_precision: auto`` trains); a model with
     the image head gets the head's three-output training form (and its loss), like `salt train`."""
@@ -685,7 +688,8 @@ def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head, upscal
 
     bench = _benchmark_module()
     stored = build_resnet_unet(base_filters=2, depth=2, blocks_per_level=1, dropout=0.1, empty_head=empty_head,
-                               dtype_policy="bfloat16", upscale=upscale, pad_to=pad_to)
+                               dtype_policy="bfloat16", upscale=upscale, pad_to=pad_to, scse=scse,
+                               hypercolumn=hypercolumn)
     twin = bench._training_twin(stored, bf16=True)
     assert twin.get_layer("enc1_conv").dtype_policy.name == "mixed_bfloat16"
     assert bench._training_twin(stored, bf16=False).get_layer("enc1_conv").dtype_policy.name == "float32"
@@ -698,6 +702,8 @@ def test_benchmark_trains_a_bundle_model_in_its_training_form(empty_head, upscal
     for layer in stored.layers:
         assert [w.shape for w in twin.get_layer(layer.name).weights] == [w.shape for w in layer.weights], layer.name
     assert (twin.count_params() > stored.count_params()) == empty_head
+    names = {l.name for l in twin.layers}  # the decoder options too (scSE: ~1.4x the time per step)
+    assert any(n.endswith("_cse_pool") for n in names) == scse and ("hypercolumn" in names) == hypercolumn
 
 
 @pytest.mark.parametrize("bias,expected", [

@@ -392,6 +392,24 @@ def test_resume_refuses_a_live_run(tmp_path):
               params=dict(params.load(SMOKE), run_dir=None))
     with pytest.raises(FileExistsError, match="still running"):
         runner._prepare_resume(runs / "live", {})
+    with pytest.raises(FileExistsError, match="still running"):  # here its process is seen: force or not
+        runner._prepare_resume(runs / "live", {}, force=True)
+
+
+def test_a_run_marked_running_on_another_host_resumes_only_with_force(tmp_path, capsys):
+    """A session's machine is gone with the run's process; this host cannot check that pid."""
+    runs = tmp_path / "runs"
+    cfg = dict(params.load(SMOKE), run_dir=None)
+    _fake_run(runs, "elsewhere", status="running", host={"hostname": "gone-host", "pid": 4242}, params=cfg)
+    with pytest.raises(FileExistsError, match=r"marked running on host 'gone-host' \(pid 4242\), which cannot be "
+                                              r"checked from .*resume with --resume --force"):
+        runner._prepare_resume(runs / "elsewhere", cfg)
+    assert not (runs / "elsewhere" / "attempts").exists()
+    attempts = runner._prepare_resume(runs / "elsewhere", cfg, force=True)
+    assert [a["status"] for a in attempts] == ["died"] and (runs / "elsewhere" / "attempts" / "1").is_dir()
+    assert "marked running on host 'gone-host'; resumed here (--force)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--force only applies to --resume"):
+        runner.run_pipeline(SMOKE, name="x", runs_dir=runs, force=True)
 
 
 def test_a_corrupt_test_image_stops_the_run_before_anything(tmp_path, synthetic, stub_notebooks):

@@ -102,6 +102,9 @@ def test_card_names_a_fine_tuned_fold_and_its_command(smoke_ok, tmp_path):
     command = "python tools/pseudo_label.py train --bundle models/base --fold 0 --params p.yaml --out x"
     (fold / "finetune.json").write_text(json.dumps({"command": command, "labels": "labels0.npz",
                                                     "labels_sha256": "cd" * 32, "n_labels": 641}))
+    recipe = json.loads((fold / "recipe.json").read_text())  # fine-tuning stages differ from params.yaml's
+    recipe["stages"] = [{"loss": "lovasz", "epochs": 3, "lr": 0.0005}]
+    (fold / "recipe.json").write_text(json.dumps(recipe))
     card = (ship.ship(run, "ft", models_dir=tmp_path / "models") / "MODEL_CARD.md").read_text()
     fold_line = next(l for l in card.splitlines() if l.startswith("- fold 0:"))
     assert "fine-tuned** from `models/base/model0.keras` (SHA-256 abababababab" in fold_line
@@ -136,11 +139,29 @@ def test_card_facts_come_from_the_run_records(smoke_ok, tmp_path):
     assert "uncommitted changes" in line("- Code:")
     assert "Empty images predicted empty: n/a" in card
     assert "Where the score is lost" not in card and "| class | images | score |" in card
-    assert "Flip TTA or not, the cut-off and the small-mask size were chosen" in card
+    assert "Flip TTA or not, the cut-off, the small-mask size and the largest-logit gate were chosen" in card  # gates tried
     info["host"]["gpus"] = []
     (run / "run.json").write_text(json.dumps(info))
     card = ship.model_card(run, "records")
     assert "(Test CPU 9000), no GPU;" in card and "CPU-core-hours" in card
+
+
+@pytest.mark.parametrize("chosen, grid, says", [
+    (1.0, [0.0, 1.0], "and the largest-logit gate were chosen on these same images (four numbers"),
+    (None, [0.0, 1.0], "gate were chosen on these same images (no gate was chosen, but the choice was among 2 gates as well; four numbers"),
+    (None, [], "the cut-off and the small-mask size were chosen on these same images (three numbers"),
+])
+def test_card_counts_the_gate_among_the_tuned_numbers_when_it_was_tried(smoke_ok, tmp_path, chosen, grid, says):
+    """Trying gates and choosing none still tunes on the same images: the card says so."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_ok.run_dir, run)
+    info = json.loads((run / "run.json").read_text())
+    info["params"]["peak_gates"] = grid
+    (run / "run.json").write_text(json.dumps(info))
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "peak_gate": chosen}))
+    card = (ship.ship(run, "gates", models_dir=tmp_path / "models") / "MODEL_CARD.md").read_text()
+    assert says in " ".join(line.strip() for line in card.splitlines())
 
 
 @pytest.mark.parametrize(
@@ -309,6 +330,11 @@ def test_check_section_states_the_tools_figures():
     many = ship.check_section({**CHECK, "per_fold": {10: 0.5, 2: 0.25}})  # folds in number order, as JSON keys too
     assert "(fold 2: 0.2500, fold 10: 0.5000)" in many
     assert ship.check_section(json.loads(json.dumps({**CHECK, "per_fold": {10: 0.5, 2: 0.25}}, sort_keys=True))) == many
+    # a card score over more folds than the bundle's (folds 0-4 tuned, folds 0-1 bundled): said, not compared
+    wider = ship.check_section({**CHECK, "card_folds": [0, 1, 2, 3, 4]})
+    assert "The CV score above (0.8085) is over other images, fold(s) [0, 1, 2, 3, 4]" in wider
+    assert "comes from the logits saved" not in wider
+    assert "comes from the logits saved" in ship.check_section({**CHECK, "card_folds": [1, 0]})
     bare = ship.check_section({**CHECK, "card": None, "nested_gates": False, "nested_no_gates": None, "dirty": True})
     assert "with uncommitted changes" in bare and "training time" not in bare and "gate" not in bare
 

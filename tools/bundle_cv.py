@@ -142,12 +142,13 @@ def main(argv=None) -> dict:
         "per_fold": {f: float(scores[fold_col == f].mean()) for f in members},
         "untuned": metric.competition_score(truth, oof["plain"] > 0),
         "card": meta.get("cv_score"),
+        "card_folds": [int(f) for f in meta.get("tuned_on_folds", list(members))],  # the images `card` is over
         "nested": None,
         "score_lost": evaluate.score_lost(truth, pred),
     }
     print(f"{bundle.describe()}")
     print(f"{len(truth)} held-out images of folds {list(members)} ({ds.root}); models {matched}; {checked}")
-    tuned_on = meta.get("tuned_on_folds", list(members))
+    tuned_on = result["card_folds"]
     print(f"as shipped: CV {result['shipped']:.4f} (per fold "
           + ", ".join(f"{f}: {s:.4f}" for f, s in result["per_fold"].items())
           + (f"; bundle.json records {result['card']:.4f} over folds {tuned_on}, from the training-time logits)"
