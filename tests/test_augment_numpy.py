@@ -129,3 +129,47 @@ def test_fit_on_numpy_batches_learns():
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.BinaryCrossentropy(from_logits=True))
     hist = model.fit(ds, epochs=6, verbose=0).history["loss"]
     assert hist[-1] < 0.7 * hist[0], hist
+
+
+# --------------------------------------------------------------------------- the TensorFlow pipeline's transforms, one at a time
+def _tf_augment(x, y, **kwargs):
+    import tensorflow as tf
+
+    xa, ya = augment.augment_batch(tf.constant(x), tf.constant(y), seed=tf.constant([3, 4], tf.int32), **kwargs)
+    return xa.numpy(), ya.numpy()
+
+
+def _batch(b=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.2, 0.8, (b, 101, 101, 1)).astype(np.float32)
+    y = (rng.random((b, 101, 101, 1)) < 0.3).astype(np.float32)
+    return x, y
+
+
+def test_tf_flip_only_mirrors_image_and_mask_together():
+    x, y = _batch()
+    xa, ya = _tf_augment(x, y, flip=True, zoom=0.0, brightness=0.0)
+    flipped = [np.array_equal(xa[k], x[k, :, ::-1]) and np.array_equal(ya[k], y[k, :, ::-1]) for k in range(len(x))]
+    kept = [np.array_equal(xa[k], x[k]) and np.array_equal(ya[k], y[k]) for k in range(len(x))]
+    assert all(f or k for f, k in zip(flipped, kept))  # each image is one or the other, mask with it
+    assert any(flipped) and any(kept)  # both happen in 16 images (probability 1 - 2 / 2**16)
+
+
+def test_tf_brightness_only_is_a_bounded_affine_change_of_the_image():
+    """``(x - mean) * mul + mean + add`` with mul in [0.9, 1.1] and add in [-0.1, 0.1] per image, clipped to
+    [0, 1]; masks untouched. Recovered by a least-squares fit of each augmented image on the original."""
+    x, y = _batch()
+    x[0, :5] = 0.99  # some pixels near the top, so that clipping can happen
+    xa, ya = _tf_augment(x, y, flip=False, zoom=0.0, brightness=0.1)
+    np.testing.assert_array_equal(ya, y)
+    assert xa.min() >= 0.0 and xa.max() <= 1.0
+    muls = []
+    for k in range(len(x)):
+        inside = (xa[k] > 0) & (xa[k] < 1)
+        a, c = np.polyfit(x[k][inside].astype(np.float64), xa[k][inside].astype(np.float64), 1)
+        mean = x[k].mean(dtype=np.float64)
+        add = c - mean * (1 - a)
+        assert 0.9 - 1e-4 <= a <= 1.1 + 1e-4 and -0.1 - 1e-4 <= add <= 0.1 + 1e-4, (k, a, add)
+        np.testing.assert_allclose(xa[k], np.clip((x[k] - mean) * a + mean + add, 0, 1), atol=1e-5)
+        muls.append(a)
+    assert np.ptp(muls) > 0.02  # the change differs from image to image

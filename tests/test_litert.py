@@ -12,7 +12,8 @@ from saltlib import litert, predict
 
 from test_predict import bundle_dir, models, ramp_model, tiny_images, tiny_model  # noqa: F401 (fixtures)
 
-pytestmark = pytest.mark.skipif(not litert.available(), reason="TensorFlow Lite is not available here")
+#: on the tests that convert or run models; the runtime choice is tested without TensorFlow Lite too
+needs_tflite = pytest.mark.skipif(not litert.available(), reason="TensorFlow Lite is not available here")
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +23,7 @@ def tiny():
     return m, litert.LiteModel(litert.convert(m, (101, 101, 1)))
 
 
+@needs_tflite
 @pytest.mark.parametrize("n,batch_size", [(1, 1), (5, 2), (7, 8), (10, 3)])
 def test_lite_model_matches_keras(tiny, n, batch_size):
     """Same logits as Keras for any batch size, including partial last batches."""
@@ -33,6 +35,7 @@ def test_lite_model_matches_keras(tiny, n, batch_size):
     assert len(lite._interpreters) <= 2  # a full batch and the last one, at most
 
 
+@needs_tflite
 def test_lite_model_rejects_bad_input(tiny):
     _, lite = tiny
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
@@ -41,11 +44,13 @@ def test_lite_model_rejects_bad_input(tiny):
         lite.predict(np.zeros((0, 101, 101, 1), np.float32))
 
 
+@needs_tflite
 def test_lite_model_rejects_bytes_that_are_not_a_model():
     with pytest.raises(ValueError):
         litert.LiteModel(b"not a flatbuffer")
 
 
+@needs_tflite
 @pytest.mark.parametrize("n,batch_size", [(5, 64), (7, 1), (3, 4)])
 def test_bundle_tflite_ensemble_hand_computed(n, batch_size):
     """Two ramp models (see test_predict.test_ensemble_flip_tta_hand_computed): with TTA the mean
@@ -59,6 +64,7 @@ def test_bundle_tflite_ensemble_hand_computed(n, batch_size):
     assert b.lite(True) is b.lite(True) and b.lite(True) is not b.lite(False)  # converted once per setting
 
 
+@needs_tflite
 def test_bundle_runtimes_agree(bundle_dir):
     """A saved bundle of two tiny U-Nets: the same logits with either runtime."""
     k = predict.load_bundle(bundle_dir, runtime="keras")
@@ -68,6 +74,7 @@ def test_bundle_runtimes_agree(bundle_dir):
     np.testing.assert_allclose(t.predict_logits(x, batch_size=4), k.predict_logits(x, batch_size=4), atol=1e-5)
 
 
+@needs_tflite
 def test_bundle_rejects_unknown_runtime(bundle_dir):
     with pytest.raises(ValueError, match="runtime must be one of 'auto', 'keras', 'tflite', got 'onnx'"):
         predict.load_bundle(bundle_dir, runtime="onnx")
@@ -80,6 +87,7 @@ def test_bundle_rejects_unknown_runtime(bundle_dir):
         b.predict_logits(tiny_images(1))
 
 
+@needs_tflite
 def test_bundle_tflite_refuses_bfloat16_models():
     import keras
 
@@ -92,6 +100,7 @@ def test_bundle_tflite_refuses_bfloat16_models():
     assert keras.config.dtype_policy().name == "float32"  # building with a policy leaves the global one
 
 
+@needs_tflite
 @pytest.mark.parametrize("forced,expected", [("1", "keras"), ("0", "tflite")])
 def test_resolve_runtime_auto_follows_native_bfloat16(monkeypatch, forced, expected):
     """``auto``: Keras where bfloat16 is native (SALT_BF16=1 says so), TensorFlow Lite elsewhere

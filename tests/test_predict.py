@@ -372,6 +372,33 @@ def test_predict_folder_writes_one_checked_row_per_image(bundle_dir, images_dir,
     assert sorted(p.name for p in out.parent.iterdir()) == ["submission.csv"]
 
 
+def test_predict_folder_applies_the_bundles_min_size_and_gate(models, images_dir, tmp_path):
+    """A bundle whose small-mask size and peak gate each empty some images: the submission holds
+    exactly the masks numpy gives from the logits (cut-off, then the gate, then the size), and each
+    setting changed at least one image."""
+    from saltlib.data import read_images
+
+    ids = sorted(p.stem for p in images_dir.glob("*.png"))
+    plain = predict.write_bundle(tmp_path / "plain", models[0], threshold=0.0, min_size=0, tta=False)
+    logits = predict.load_bundle(plain).predict_logits(read_images([images_dir / f"{i}.png" for i in ids]))
+    area, peak = (logits > 0).sum(axis=(1, 2)), logits.max(axis=(1, 2))
+    assert (area > 0).sum() >= 3, "the tiny models must draw salt on several images for this test"
+    salted = np.flatnonzero(area > 0)
+    low, next_low = np.sort(peak[salted])[:2]
+    gate = float(low + next_low) / 2  # empties the salted image with the lowest peak (peak <= gate)
+    min_size = int(np.sort(area[peak > gate])[0]) + 1  # and the smallest mask the gate kept
+    expected = (logits > 0) & (peak > gate)[:, None, None] & (area >= min_size)[:, None, None]
+    assert ((area > 0) & (peak <= gate)).any() and ((peak > gate) & (area > 0) & (area < min_size)).any()
+    assert expected.any()
+    gated = predict.write_bundle(tmp_path / "gated", models[0], threshold=0.0, min_size=min_size, tta=False,
+                                 peak_gate=gate)
+    df = predict.read_submission(predict.predict_folder(gated, images_dir, tmp_path / "s.csv", batch_size=3,
+                                                        runtime="keras"))  # the runtime of the logits above
+    assert df["id"].tolist() == ids
+    for k, r in enumerate(df["rle_mask"]):
+        np.testing.assert_array_equal(rle.decode(r), expected[k], err_msg=ids[k])
+
+
 @pytest.mark.parametrize("bad", ["truncated", "not_png", "wrong_size"])
 def test_predict_folder_bad_image_keeps_existing_output(bundle_dir, images_dir, tmp_path, bad):
     d = copy_dir(images_dir, tmp_path / "imgs")

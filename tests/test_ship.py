@@ -38,7 +38,8 @@ def test_ship_copies_bundle_and_writes_card(smoke_ok, tmp_path):
     rows = [f"| {row['outcome']} | {row['n']} | {row['lost']:.4f} |" for row in metrics["score_lost"]]
     assert "\n".join(rows) in card  # every outcome, in order
     shipped, original = predict.load_bundle(dest), predict.load_bundle(smoke_ok.run_dir / "bundle")
-    assert (shipped.threshold, shipped.min_size, shipped.tta) == (original.threshold, original.min_size, original.tta)
+    settings = lambda b: (b.threshold, b.min_size, b.tta, b.peak_gate)  # noqa: E731
+    assert settings(shipped) == settings(original)
     assert shipped.meta["source_run"] == "smoke" and shipped.meta["name"] == "tiny"
     x = np.random.default_rng(0).random((3, 101, 101, 1), dtype=np.float32)
     np.testing.assert_array_equal(shipped.predict_logits(x), original.predict_logits(x))
@@ -280,10 +281,18 @@ def test_shipped_bundles_are_complete(bundle_dir):
     assert (bundle_dir / "params.yaml").is_file() and (bundle_dir / "metrics.json").is_file()
     if (bundle_dir / "bundle_cv.json").is_file():  # re-scored by tools/bundle_cv.py --write: the card says what it recorded
         assert ship.check_section(json.loads((bundle_dir / "bundle_cv.json").read_text())) in card
+    # the bundle predicts with the post-processing notebook 03 chose and scored (metrics.json, the card)
+    metrics = json.loads((bundle_dir / "metrics.json").read_text())
+    assert [spec[k] for k in ("threshold", "min_size", "tta", "peak_gate")] == \
+        [metrics[k] for k in ("threshold", "min_size", "tta", "peak_gate")]
+    assert spec["meta"]["cv_score"] == metrics["cv_score"] and f"CV score {metrics['cv_score']:.4f}" in card
     bundle = predict.load_bundle(bundle_dir)
     x = np.random.default_rng(0).random((3, 101, 101, 1)).astype(np.float32)
     masks = bundle.predict_masks(x)
     assert masks.shape == (3, 101, 101) and masks.dtype == bool
+    logits = bundle.predict_logits(x)
+    np.testing.assert_array_equal(masks, predict.postprocess(logits, spec["threshold"], spec["min_size"], spec["peak_gate"]))
+    assert all(m.sum() == 0 or m.sum() >= spec["min_size"] for m in masks)
 
 
 @pytest.mark.realdata
