@@ -437,6 +437,8 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
     """
     from . import data
 
+    if force and not resume:
+        raise ValueError("--force only applies to --resume")
     overrides = list(overrides or ())
     raw = params.read_yaml(params_path)
     if raw.get("run_dir"):
@@ -471,8 +473,6 @@ def run_pipeline(params_path, name: str | None = None, overrides=(), runs_dir=No
 
     runs_dir = Path(runs_dir) if runs_dir else default_runs_dir()
     attempts = []
-    if force and not resume:
-        raise ValueError("--force only applies to --resume")
     if resume:
         if name is None:
             raise ValueError("resuming needs the --name of the run to resume")

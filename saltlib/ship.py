@@ -131,6 +131,13 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
                                     **(io.read_json(f.parent / "finetune.json") if (f.parent / "finetune.json").exists()
                                        else {})}
     cpu = info.get("host", {}).get("cpus")
+    if metrics.get("peak_gate") is not None:  # a gate chosen
+        tuned = "Flip TTA or not, the cut-off, the small-mask size and the largest-logit gate were chosen on these same images (four"
+    elif p.get("peak_gates"):
+        tuned = ("Flip TTA or not, the cut-off, the small-mask size and the largest-logit gate were chosen on these same images"
+                 f" (no gate was chosen, but the choice was among {len(p['peak_gates'])} gates as well; four")
+    else:
+        tuned = "Flip TTA or not, the cut-off and the small-mask size were chosen on these same images (three"
     lines = [
         f"# Model card: {name}",
         "",
@@ -143,11 +150,7 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         f"  of [IoU > t], per image, averaged) on {metrics['n_images']} labelled images the model did not train",
         f"  on: fold(s) {metrics['folds']} of a {metrics['n_folds']}-fold split stratified by salt coverage, with the",
         "  post-processing below. "
-        + ("Flip TTA or not, the cut-off, the small-mask size and the largest-logit gate were chosen on these same"
-           " images (" + ("" if metrics.get("peak_gate") is not None else "no gate was chosen, but the choice was among"
-                          f" {len(p['peak_gates'])} gates as well; ") + "four"
-           if metrics.get("peak_gate") is not None or p.get("peak_gates")
-           else "Flip TTA or not, the cut-off and the small-mask size were chosen on these same images (three"),
+        + tuned,
         "  numbers"
         + ("; the nested score below measures the optimism" if metrics.get("cv_score_nested") is not None else "")
         + "); the score at logit 0 without TTA or small-mask removal is",
