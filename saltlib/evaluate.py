@@ -193,7 +193,6 @@ def bundle_members(models_dir, folds) -> list[Path]:
     return out
 
 
-
 def bundle_layout(models_dir, folds, ids, split) -> tuple[list[Path], dict]:
     """The bundle's model files (:func:`bundle_members`) and what ``bundle.json`` records about them,
     so that the bundle can be re-scored later on exactly the images its models held out
@@ -216,3 +215,40 @@ def bundle_layout(models_dir, folds, ids, split) -> tuple[list[Path], dict]:
         paths += fold_paths
         digests[str(int(f))] = train.split_record(ids, split, f)["val_ids_sha256"]
     return paths, {"members": members, "val_ids_sha256": digests}
+
+
+def fold_members(meta: dict, n_models: int, snapshots=(), where="bundle") -> tuple[dict, str]:
+    """Which of a bundle's models belong to which fold: the inverse of :func:`bundle_layout`.
+
+    Bundles written since 2026-11-27 record the members of each fold (``meta.members``, each fold's
+    final model first). For older ones the models are matched by count, in the order notebook 03
+    writes them (each bundled fold's final model, then ``snapshots`` from the bundle's
+    ``params.yaml``): right unless a fold was reused from a run with other snapshots. Pass no
+    ``snapshots`` to accept only one model per fold when the record is missing.
+
+    Args:
+        meta: ``bundle.json``'s ``meta`` (``folds``, and ``members`` when recorded).
+        n_models: how many models the bundle lists.
+        snapshots: the snapshot epochs of the bundle's parameters (only their count matters).
+        where: the bundle folder, for error messages.
+    Returns:
+        ``({fold: [model index, ...]}, how they were matched)``, folds ascending.
+    Raises:
+        ValueError: the bundle does not record its folds, its members do not cover its models once
+            each, or (matched by count) the model count does not fit the folds.
+    """
+    folds = meta.get("folds")
+    if not folds:
+        raise ValueError(f"{where}: bundle.json has no meta.folds, so its models cannot be matched to folds")
+    if "members" in meta:
+        members = {int(f): [int(k) for k in ks] for f, ks in meta["members"].items()}
+        if set(members) != {int(f) for f in folds} or sorted(sum(members.values(), [])) != list(range(n_models)):
+            raise ValueError(f"{where}: meta.members {meta['members']} does not list each of the "
+                             f"{n_models} model(s) once for folds {folds}")
+        return dict(sorted(members.items())), "as bundle.json records them"
+    per_fold = 1 + len(set(snapshots))
+    if n_models != per_fold * len(folds):
+        raise ValueError(f"{where}: {n_models} model(s) for folds {folds} with {per_fold} member(s) each (the final "
+                         "model and the snapshots) do not match, and bundle.json has no meta.members to say which is which")
+    members = {int(f): list(range(k * per_fold, (k + 1) * per_fold)) for k, f in enumerate(folds)}
+    return dict(sorted(members.items())), "matched by count (bundle.json does not record them)"

@@ -52,7 +52,7 @@ def test_logits_are_the_runs_out_of_fold_logits(smoke_ok, old_bundle, split):
     """Each fold's images through that fold's model only: the logits train_fold saved in oof.npz."""
     tool = load_tool("bundle_cv")
     bundle = predict.load_bundle(old_bundle)
-    members, matched = tool.fold_members(bundle, [])
+    members, matched = evaluate.fold_members(bundle.meta, len(bundle.models))
     assert members == {0: [0], 1: [1]} and matched.startswith("matched by count")
     ds, fold_of = split
     oof = tool.oof_logits(bundle, ds, fold_of, members)
@@ -102,19 +102,14 @@ def test_a_changed_split_is_refused(new_bundle, split, tmp_path):
         tool.check_split(bundle, ds.ids, (fold_of + 1) % 3, {1: [1]})
 
 
-def test_models_must_match_the_folds(old_bundle, new_bundle):
-    tool = load_tool("bundle_cv")
+def test_the_bundles_record_their_members(old_bundle, new_bundle):
+    """What fold_members reads from bundles as notebook 03 writes them (its cases: tests/test_evaluate.py)."""
     old = predict.load_bundle(old_bundle)
     with pytest.raises(ValueError, match=r"2 model\(s\) for folds \[0, 1\] with 2 member\(s\) each"):
-        tool.fold_members(old, [1])  # a snapshot per fold would need four models
+        evaluate.fold_members(old.meta, len(old.models), [1], old.path)  # a snapshot per fold would need four models
     new = predict.load_bundle(new_bundle)
-    assert tool.fold_members(new, [1]) == ({0: [0], 1: [1]}, "as bundle.json records them")  # snapshots unused
-    new.meta = {**new.meta, "members": {"0": [0], "1": [0]}}
-    with pytest.raises(ValueError, match="does not list each of the 2 model"):
-        tool.fold_members(new, [])
-    old.meta = {k: v for k, v in old.meta.items() if k != "folds"}
-    with pytest.raises(ValueError, match="no meta.folds"):
-        tool.fold_members(old, [])
+    assert evaluate.fold_members(new.meta, len(new.models), [1], new.path) == (
+        {0: [0], 1: [1]}, "as bundle.json records them")  # the record wins over the snapshots
 
 
 def test_write_records_the_result_in_the_bundle(smoke_ok, new_bundle, tmp_path):

@@ -128,6 +128,39 @@ def test_bundle_members_follow_done_json(tmp_path):
     assert paths == evaluate.bundle_members(tmp_path, [2, 0])
     assert layout["members"] == {"2": [0], "0": [1, 2]}
     assert layout["val_ids_sha256"] == {"2": hashlib.sha256(b"a").hexdigest(), "0": hashlib.sha256(b"b\nc").hexdigest()}
+    # fold_members reads the layout back: fold 0's own final model is model 1, its snapshot model 2
+    assert evaluate.fold_members({"folds": [2, 0], **layout}, len(paths)) == (
+        {0: [1, 2], 2: [0]}, "as bundle.json records them")
+
+
+@pytest.mark.parametrize(
+    "meta, n_models, snapshots, members",
+    [
+        ({"folds": [0, 1]}, 2, (), {0: [0], 1: [1]}),  # no record: one model per fold, in fold order
+        ({"folds": [2, 0]}, 2, (), {0: [1], 2: [0]}),
+        ({"folds": [0, 1]}, 4, (30,), {0: [0, 1], 1: [2, 3]}),  # final model then the snapshot, fold by fold
+        ({"folds": [0, 1]}, 4, (30, 30), {0: [0, 1], 1: [2, 3]}),  # a repeated snapshot epoch is one model
+        ({"folds": [0, 1], "members": {"1": [0], "0": [1, 2]}}, 3, (30,), {0: [1, 2], 1: [0]}),  # the record wins
+    ],
+)
+def test_fold_members(meta, n_models, snapshots, members):
+    assert evaluate.fold_members(meta, n_models, snapshots)[0] == members
+
+
+@pytest.mark.parametrize(
+    "meta, n_models, snapshots, message",
+    [
+        ({}, 2, (), "b: bundle.json has no meta.folds"),
+        ({"folds": [0, 1]}, 4, (), r"b: 4 model\(s\) for folds \[0, 1\] with 1 member\(s\) each .* no meta.members"),
+        ({"folds": [0, 1]}, 2, (30,), r"2 model\(s\) for folds \[0, 1\] with 2 member\(s\) each"),
+        ({"folds": [0, 1], "members": {"0": [0], "1": [0]}}, 2, (), "does not list each of the 2 model"),  # 1 unused
+        ({"folds": [0, 1], "members": {"0": [0, 1]}}, 2, (), "does not list each of the 2 model"),  # fold 1 missing
+        ({"folds": [0], "members": {"0": [0]}}, 2, (), "does not list each of the 2 model"),  # model 1 nobody's
+    ],
+)
+def test_fold_members_refuses(meta, n_models, snapshots, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate.fold_members(meta, n_models, snapshots, where="b")
 
 
 def _gate_case():

@@ -218,7 +218,7 @@ def test_member_is_the_folds_own_final_model(tmp_path, meta, fold, index):
 
 def test_member_refuses_a_bundle_with_snapshots_and_no_member_record(tmp_path):
     bundle = _hand_bundle(tmp_path / "b", 4, {"folds": [0, 1]})
-    with pytest.raises(SystemExit, match=r"4 models for folds \[0, 1\] and no meta.members.*fold 1's"):
+    with pytest.raises(SystemExit, match=r"4 model\(s\) for folds \[0, 1\] with 1 member\(s\) each.*no meta.members.*fold 1's is unknown"):
         pseudo_label._member(bundle, 1)
 
 

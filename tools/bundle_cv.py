@@ -40,36 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from saltlib import data, evaluate, hardware, metric, params, predict, runner, ship, train  # noqa: E402
 
 
-def fold_members(bundle: predict.Bundle, snapshots) -> tuple[dict, str]:
-    """``({fold: [model index, ...]}, how they were matched)``.
-
-    Bundles written since 2026-11-27 record the members of each fold (``meta.members``). For older
-    ones the models are matched by count, in the order notebook 03 writes them (each bundled fold's
-    final model, then ``snapshots`` from ``params.yaml``): right unless a fold was reused from a
-    run with other snapshots.
-
-    Raises:
-        ValueError: the bundle does not record its folds, its members do not cover its models once
-            each, or (matched by count) the model count does not fit the folds.
-    """
-    meta = bundle.meta
-    folds = meta.get("folds")
-    if not folds:
-        raise ValueError(f"{bundle.path}: bundle.json has no meta.folds, so its models cannot be matched to folds")
-    if "members" in meta:
-        members = {int(f): [int(k) for k in ks] for f, ks in meta["members"].items()}
-        if set(members) != {int(f) for f in folds} or sorted(sum(members.values(), [])) != list(range(len(bundle.models))):
-            raise ValueError(f"{bundle.path}: meta.members {meta['members']} does not list each of the "
-                             f"{len(bundle.models)} model(s) once for folds {folds}")
-        return dict(sorted(members.items())), "as bundle.json records them"
-    per_fold = 1 + len(set(snapshots))
-    if len(bundle.models) != per_fold * len(folds):
-        raise ValueError(f"{bundle.path}: {len(bundle.models)} model(s) for folds {folds} with {per_fold} member(s) "
-                         "each (the final model and the snapshots of params.yaml) do not match")
-    members = {int(f): list(range(k * per_fold, (k + 1) * per_fold)) for k, f in enumerate(folds)}
-    return dict(sorted(members.items())), "matched by count (bundle.json does not record them)"
-
-
 def check_split(bundle: predict.Bundle, ids, fold_of, members) -> str:
     """Check that the recomputed split holds out the images each fold's models held out.
 
@@ -122,7 +92,7 @@ def main(argv=None) -> dict:
     t0, git = time.time(), runner.git_info()  # the code as it starts
     bundle = predict.load_bundle(args.bundle)
     cfg = params.load(Path(args.bundle) / "params.yaml")
-    members, matched = fold_members(bundle, cfg["snapshots"])
+    members, matched = evaluate.fold_members(bundle.meta, len(bundle.models), cfg["snapshots"], bundle.path)
     meta = bundle.meta
     ds = data.load_train(args.data_dir, limit=meta.get("limit") or None)
     fold_of = data.kfold(ds, meta["n_folds"], meta["seed"])

@@ -85,19 +85,18 @@ def with_labels(ds, split, labels):
 
 
 def _member(bundle_dir, fold: int):
-    from saltlib import predict
+    """``(bundle.json's dict, index of fold's own final model)``; refuses a bundle whose models
+    cannot be told apart by fold (snapshots and no ``meta.members``)."""
+    from saltlib import evaluate, predict
 
     spec = predict.read_bundle_spec(bundle_dir)
-    meta = spec["meta"]
-    folds = [int(f) for f in meta.get("folds", [])]
-    if fold not in folds:
-        raise SystemExit(f"{bundle_dir}: no model of fold {fold} (its folds: {folds})")
-    if "members" in meta:  # each fold's members, its final model first (saltlib.evaluate.bundle_layout)
-        return spec, int(meta["members"][str(fold)][0])
-    if len(spec["models"]) != len(folds):
-        raise SystemExit(f"{bundle_dir}: {len(spec['models'])} models for folds {folds} and no meta.members in "
-                         f"bundle.json, so which model is fold {fold}'s is unknown (snapshots?)")
-    return spec, folds.index(fold)
+    try:
+        members, _ = evaluate.fold_members(spec["meta"], len(spec["models"]), (), bundle_dir)
+    except ValueError as e:
+        raise SystemExit(f"{e}: which model is fold {fold}'s is unknown") from None
+    if fold not in members:
+        raise SystemExit(f"{bundle_dir}: no model of fold {fold} (its folds: {sorted(members)})")
+    return spec, members[fold][0]
 
 
 def label(args) -> None:
