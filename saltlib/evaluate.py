@@ -252,3 +252,29 @@ def fold_members(meta: dict, n_models: int, snapshots=(), where="bundle") -> tup
                          "model and the snapshots) do not match, and bundle.json has no meta.members to say which is which")
     members = {int(f): list(range(k * per_fold, (k + 1) * per_fold)) for k, f in enumerate(folds)}
     return dict(sorted(members.items())), "matched by count (bundle.json does not record them)"
+
+
+def check_held_out(meta: dict, ids, split, folds, where="bundle") -> str:
+    """Check that a recomputed split holds out, for each of ``folds``, the images that fold's models
+    held out, by the digests :func:`bundle_layout` recorded in ``bundle.json``.
+
+    Args:
+        meta: ``bundle.json``'s ``meta`` (``val_ids_sha256`` when recorded).
+        ids: ``(N,)`` image ids of the data set loaded now.
+        split: ``(N,)`` fold of each image, recomputed (:func:`saltlib.data.kfold`).
+        folds: the folds to check.
+        where: the bundle folder, for error messages.
+    Returns:
+        a few words on what was checked.
+    Raises:
+        ValueError: a fold's held-out ids differ from those ``bundle.json`` records (another data
+            folder or ``limit``, or a change to the split): its models may have trained on them.
+    """
+    recorded = meta.get("val_ids_sha256")
+    if not recorded:
+        return "held-out ids not recorded in bundle.json: the split is recomputed from seed and n_folds"
+    for f in folds:
+        if recorded.get(str(f)) != train.split_record(ids, split, f)["val_ids_sha256"]:
+            raise ValueError(f"{where}: fold {f}'s held-out images differ from those bundle.json records "
+                             "(other data, limit or split): its models may have trained on them")
+    return "held-out ids match bundle.json"

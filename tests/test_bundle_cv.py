@@ -94,12 +94,11 @@ def test_main_prints_the_three_scores(smoke_ok, new_bundle, split, capsys, no_ga
 
 
 def test_a_changed_split_is_refused(new_bundle, split, tmp_path):
-    tool = load_tool("bundle_cv")
     bundle = predict.load_bundle(new_bundle)
     ds, fold_of = split
-    assert tool.check_split(bundle, ds.ids, fold_of, {0: [0], 1: [1]}) == "held-out ids match bundle.json"
+    assert evaluate.check_held_out(bundle.meta, ds.ids, fold_of, [0, 1], bundle.path) == "held-out ids match bundle.json"
     with pytest.raises(ValueError, match="fold 1's held-out images differ from those bundle.json records"):
-        tool.check_split(bundle, ds.ids, (fold_of + 1) % 3, {1: [1]})
+        evaluate.check_held_out(bundle.meta, ds.ids, (fold_of + 1) % 3, [1], bundle.path)
 
 
 def test_the_bundles_record_their_members(old_bundle, new_bundle):

@@ -40,26 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from saltlib import data, evaluate, hardware, metric, params, predict, runner, ship, train  # noqa: E402
 
 
-def check_split(bundle: predict.Bundle, ids, fold_of, members) -> str:
-    """Check that the recomputed split holds out the images each fold's models held out.
-
-    Returns:
-        a few words on what was checked.
-    Raises:
-        ValueError: a fold's held-out ids differ from those ``bundle.json`` records (another data
-            folder or ``limit``, or a change to the split): its models may have trained on them.
-    """
-    recorded = bundle.meta.get("val_ids_sha256")
-    if not recorded:
-        return "held-out ids not recorded in bundle.json: the split is recomputed from seed and n_folds"
-    for f in members:
-        now = train.split_record(ids, fold_of, f)["val_ids_sha256"]
-        if recorded.get(str(f)) != now:
-            raise ValueError(f"{bundle.path}: fold {f}'s held-out images differ from those bundle.json records "
-                             "(other data, limit or split): its models may have trained on them")
-    return "held-out ids match bundle.json"
-
-
 def oof_logits(bundle: predict.Bundle, ds, fold_of, members: dict, batch_size: int = 64) -> dict:
     """Each bundled fold's held-out images through that fold's models: ``idx``, ``fold``, ``plain``
     and ``flip TTA`` logits (mean over the fold's members; TTA as :func:`saltlib.train.predict_logits`
@@ -96,7 +76,7 @@ def main(argv=None) -> dict:
     meta = bundle.meta
     ds = data.load_train(args.data_dir, limit=meta.get("limit") or None)
     fold_of = data.kfold(ds, meta["n_folds"], meta["seed"])
-    checked = check_split(bundle, ds.ids, fold_of, members)
+    checked = evaluate.check_held_out(meta, ds.ids, fold_of, members, bundle.path)
     oof = oof_logits(bundle, ds, fold_of, members, args.batch_size)
     truth, fold_col = ds.masks[oof["idx"]], oof["fold"]
     shipped = oof["flip TTA" if bundle.tta else "plain"]

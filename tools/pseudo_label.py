@@ -119,7 +119,7 @@ def label(args) -> None:
 
 
 def train(args) -> None:
-    from saltlib import data, io, params, predict, train as training
+    from saltlib import data, evaluate, io, params, predict, train as training
 
     spec, k = _member(args.bundle, args.fold)
     meta = spec["meta"]
@@ -129,10 +129,10 @@ def train(args) -> None:
                          f"{meta['seed']}/{meta['n_folds']}: the fold would validate on images its model trained on")
     ds = data.load_train(args.data_dir, limit=meta.get("limit") or None)  # the images the bundle's folds split
     split = data.kfold(ds, cfg["n_folds"], cfg["seed"])
-    digest = meta.get("val_ids_sha256", {}).get(str(args.fold))
-    if digest and digest != training.split_record(ds.ids, split, args.fold)["val_ids_sha256"]:
-        raise SystemExit(f"{args.bundle}: fold {args.fold}'s held-out images differ from this data's fold "
-                         f"{args.fold} (another data folder or limit?): the fold would validate on images its model trained on")
+    try:
+        evaluate.check_held_out(meta, ds.ids, split, [args.fold], args.bundle)
+    except ValueError as e:
+        raise SystemExit(f"{e}: the fold would validate on images its model trained on") from None
     if args.labels:
         z = np.load(args.labels)
         missing = {"ids", "images", "masks", "source", "sha256"} - set(z.files)
