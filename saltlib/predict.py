@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import data, io, rle
+from . import data, io, rle, train
 from .data import DataError
 
 BUNDLE_FILE = "bundle.json"
@@ -183,7 +183,7 @@ class Bundle:
         if self.runtime == "tflite":
             logits = self.lite(use_tta).predict(x, batch_size=min(per_batch, LITE_BATCH))
         else:
-            logits = self.ensemble(use_tta).predict(x, batch_size=per_batch, verbose=0)
+            logits = train.predict_batches(self.ensemble(use_tta), x, per_batch)  # not .predict: README, Speed
         return np.asarray(logits, np.float32)
 
     def ensemble(self, tta: bool):

@@ -102,6 +102,32 @@ def test_saved_model_reproduces_oof_logits(trained, dataset):
     np.testing.assert_allclose(tta, oof["logits_tta"].astype(np.float32), atol=0.02, rtol=0.002)
 
 
+@pytest.fixture(scope="module")
+def tiny_float32():
+    from saltlib.model import build_resnet_unet
+
+    keras.utils.set_random_seed(3)
+    return build_resnet_unet(base_filters=4, depth=2, blocks_per_level=1, dropout=0.0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 4, 5, 11])
+def test_predict_batches_matches_keras_predict(tiny_float32, n):
+    """Batch by batch with a zero-padded last batch: the same outputs as ``Model.predict`` for any
+    count, including none and fewer than one batch."""
+    x = np.random.default_rng(n).random((n, 101, 101, 1), dtype=np.float32)
+    out = train.predict_batches(tiny_float32, x, batch_size=4)
+    assert out.shape == (n, 101, 101, 1)
+    if n:
+        np.testing.assert_allclose(out, tiny_float32.predict(x, batch_size=4, verbose=0), atol=1e-5)
+        # padding the last batch must not change the real images' outputs (inference is per image)
+        np.testing.assert_allclose(out[-1:], train.predict_batches(tiny_float32, x[-1:], batch_size=4), atol=1e-5)
+
+
+def test_predict_batches_rejects_a_bad_batch_size(tiny_float32):
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        train.predict_batches(tiny_float32, np.zeros((2, 101, 101, 1), np.float32), batch_size=0)
+
+
 def _unfinished_copy(fold_dir: Path, work: Path, *extra: str) -> Path:
     """A copy of a finished fold as ``work/fold1`` without ``done.json``, its model and OOF logits
     (its stages all finished), and without any ``extra`` files."""
