@@ -224,7 +224,7 @@ def predict_batches(model, images, batch_size: int = 64) -> np.ndarray:
     Each batch goes through ``model.predict_on_batch``; the last one is padded with zeros to
     ``batch_size`` and cut back, so the compiled step keeps one input shape (no retracing). The
     same numbers as ``model.predict``, which feeds the batches through a ``tf.data`` pipeline under
-    TensorFlow: on the 2-core CPUs here that ran on one core in about half of the timings (a fixed
+    TensorFlow: on the 2-core AVX512-BF16 CPU here that ran on one core in most timings (a fixed
     ~1.28 s per batch, whatever the model), while ``predict_on_batch`` kept both busy (README, Speed).
 
     Args:
