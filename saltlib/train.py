@@ -253,7 +253,7 @@ def predict_logits(model, images, batch_size: int = 64, tta: bool = False) -> np
     left-right flipped prediction (flipped back). Batches as :func:`predict_batches`."""
     out = predict_batches(model, images, batch_size).astype(np.float32)[..., 0]
     if tta:
-        flipped = predict_batches(model, np.ascontiguousarray(images[:, :, ::-1]), batch_size)
+        flipped = predict_batches(model, images[:, :, ::-1], batch_size)
         out = 0.5 * (out + flipped[..., 0][:, :, ::-1].astype(np.float32))
     return out
 
