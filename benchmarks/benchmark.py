@@ -7,8 +7,10 @@ For each configuration, in its own subprocess (so peak memory is clean):
   flip TTA, on synthetic 101x101 images after a warm-up pass: the median of ``--infer-repeats``
   timings of each (3 by default; on a shared 2-core VM one timing can be twice as slow as the
   next, so every timing is printed, with the machine's idle CPU share during it, and the
-  projection at the slowest and the fastest too);
-* training images/s of one model of that shape (``train_on_batch``, batch 32 by default, Adam,
+  projection at the slowest and the fastest too), each model as ``salt predict`` runs it (loaded by
+  ``load_bundle``, which moves the final convolution of a hypercolumn or image-head model in front
+  of its enlargements: ``saltlib.model.project_head``);
+* training images/s of one model of that shape as ``salt train`` builds it (``train_on_batch``, batch 32 by default, Adam,
   BCE + Lovász loss, synthetic images and masks), timed after warm-up steps;
 * peak resident memory (VmHWM of the process): after inference, and overall (after training);
 * the work: forward floating-point operations per image and model (TensorFlow's graph profiler),
@@ -181,7 +183,8 @@ def _training_twin(model, bf16: bool):
         upscale=upscale,
         pad_to=pad_to,
         scse=any(n.endswith("_cse_pool") for n in names),
-        hypercolumn="hypercolumn" in names,
+        # a bundle model has its hypercolumn enlargements as saved (hyper2_resize) or projected (hyper2_resize_1ch)
+        hypercolumn=any(re.fullmatch(r"hyper\d+_resize(_1ch)?", n) for n in names),
     )
 
 
@@ -192,7 +195,7 @@ def worker(spec: dict) -> dict:
     import numpy as np
 
     from saltlib import hardware, litert, predict, train
-    from saltlib.model import build_resnet_unet
+    from saltlib.model import build_resnet_unet, project_head
 
     res = {"name": spec["name"], "rss_after_import_mb": round(_rss_mb()[0], 1)}
     runtime = litert.resolve_runtime(spec.get("runtime", "keras"))
@@ -208,7 +211,7 @@ def worker(spec: dict) -> dict:
         m = build_resnet_unet(
             **{k: spec[k] for k in SHAPE_KEYS}, dtype_policy="mixed_bfloat16" if spec["bf16"] else None,
         )
-        models = [m]
+        models = [project_head(m)]  # as load_bundle gives it to `salt predict`; trained below as built
         # TensorFlow Lite runs float32 only: a bfloat16 variant is measured with Keras
         b = predict.Bundle(models=models, tta=True, runtime="keras" if spec["bf16"] else runtime)
         res.update(
@@ -246,7 +249,7 @@ def worker(spec: dict) -> dict:
 
     # training: one model of this shape, batch `batch_size`, timed after warm-up steps
     bs, warm, steps = spec["batch_size"], spec["warmup_steps"], spec["train_steps"]
-    model = models[0]
+    model = models[0] if spec.get("bundle") else m
     if spec.get("bundle"):  # stored in inference form; trained in mixed_bfloat16 where it is native
         bf16 = hardware.native_bfloat16()
         model = _training_twin(model, bf16=bf16)

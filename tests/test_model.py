@@ -308,3 +308,99 @@ def test_scse_hypercolumn_train_form_saving_and_gradients(policy, tmp_path):
     out = np.asarray(infer(x))
     infer.save(tmp_path / "m.keras")
     np.testing.assert_array_equal(np.asarray(keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)(x)), out)
+
+
+# --------------------------------------------------------------------------- project_head
+def _with_weights_of(model, policy):
+    """``model``'s network rebuilt with another dtype policy and its weights (float32 reference)."""
+    twin = build_resnet_unet(**_HEAD_KW[model.name], dtype_policy=policy, name=model.name)
+    twin.set_weights([np.asarray(w, np.float32) for w in model.get_weights()])
+    return twin
+
+
+_HEAD_KW = {
+    "hc": dict(hypercolumn=True),
+    "hc_head": dict(hypercolumn=True, empty_head=True),
+    "se_hc_head": dict(scse=True, hypercolumn=True, empty_head=True),
+    "head": dict(empty_head=True),
+}
+for _kw in _HEAD_KW.values():
+    _kw.update(base_filters=3, depth=3, blocks_per_level=1, dropout=0.1)
+
+
+def _randomized(name, policy, seed=0):
+    """A model of ``_HEAD_KW[name]`` with random weights everywhere (batch-norm statistics too), so
+    every input channel of the final convolution matters."""
+    model = build_resnet_unet(**_HEAD_KW[name], dtype_policy=policy, name=name)
+    rng = np.random.default_rng(seed)
+    model.set_weights([
+        rng.uniform(0.5, 1.5, w.shape).astype(np.float32) if "variance" in w.path
+        else (rng.normal(0, 0.3, w.shape)).astype(np.float32)
+        for w in model.weights
+    ])
+    return model
+
+
+@pytest.mark.parametrize("name", list(_HEAD_KW))
+def test_project_head_gives_the_same_logits_in_float32(name):
+    from saltlib.model import project_head
+
+    model = _randomized(name, None)
+    fast = project_head(model)
+    assert fast is not model
+    assert fast.input_shape == model.input_shape and fast.output_shape == model.output_shape
+    assert fast.count_params() == model.count_params()  # the kernel's slices, one bias
+    x = images(3, seed=1)
+    want = np.asarray(model(x, training=False))
+    got = np.asarray(fast(x, training=False))
+    assert want.std() > 0.01  # not a constant map
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0)
+    names = {layer.name for layer in fast.layers}
+    # nothing with many channels is enlarged any more: every enlargement carries one channel
+    assert "hypercolumn" not in names and "fuse_concat" not in names
+    enlarged = [layer for layer in fast.layers if layer.name.endswith("_1ch")]
+    assert enlarged and all(layer.output.shape[-1] == 1 for layer in enlarged)
+    if "hypercolumn" in _HEAD_KW[name]:
+        assert {"hyper2_resize_1ch", "hyper3_resize_1ch"} <= names
+    # the original model is untouched and still computes what it did
+    np.testing.assert_array_equal(np.asarray(model(x, training=False)), want)
+
+
+@pytest.mark.parametrize("name", ["hc_head", "se_hc_head"])
+def test_project_head_in_bfloat16_is_as_close_to_float32_as_the_model(name):
+    """In mixed bfloat16 the projection skips rounding the enlarged features to bfloat16, so its
+    logits differ from the model's by that rounding: no further from the float32 computation."""
+    from saltlib.model import project_head
+
+    model = _randomized(name, "mixed_bfloat16")
+    x = images(3, seed=2)
+    exact = np.asarray(_with_weights_of(model, None)(x, training=False))
+    err_model = np.abs(np.asarray(model(x, training=False)) - exact).max()
+    err_fast = np.abs(np.asarray(project_head(model)(x, training=False)) - exact).max()
+    assert err_fast <= 1.5 * err_model + 1e-6, (err_fast, err_model)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),  # no enlargement feeds the final convolution
+    dict(hypercolumn=True, empty_head=True, aux_outputs=True),  # the training form
+    dict(hypercolumn=True, pad_to=128),  # the logits are cropped afterwards
+    dict(hypercolumn=True, upscale=2),  # ... or averaged back
+    dict(hypercolumn=True, depth=1),  # one decoder level: no hypercolumn at all
+])
+def test_project_head_leaves_other_models_alone(kw):
+    from saltlib.model import project_head
+
+    model = build_resnet_unet(**{**dict(base_filters=2, depth=2, blocks_per_level=1, dropout=0.0), **kw})
+    assert project_head(model) is model
+
+
+def test_project_head_of_a_saved_model(tmp_path):
+    """Bundles hold ``.keras`` files: the projection works on a loaded model too."""
+    from saltlib.model import project_head
+
+    model = _randomized("se_hc_head", None, seed=3)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False, safe_mode=True)
+    x = images(2, seed=4)
+    want = np.asarray(model(x))
+    np.testing.assert_allclose(np.asarray(project_head(loaded)(x)), want, atol=2e-5 * np.abs(want).max(), rtol=0)
