@@ -359,20 +359,35 @@ def init_weights(model, source) -> dict:
     ``image_logit`` keeps its fresh initialisation. Weights are cast to the model's variable dtype
     (a bfloat16 file into a float32 training model).
 
+    ``model`` may also grow ``source``'s architecture by the decoder options ``scse`` and
+    ``hypercolumn`` (same shape otherwise), starting as the same function: the final 1x1
+    convolutions (``logits``, ``seg_logits``) keep ``source``'s kernel for the finest decoder
+    level's channels (first) and the image features (last), with zeros for the coarser levels the
+    hypercolumn adds between them; every new scSE block starts as the identity (its two sigmoid
+    gates' layers, ``*_cse_fc2`` and ``*_sse_conv``, zeroed: both gates 0.5, and the block's output,
+    the sum of the two rescaled maps, is its input).
+
     Args:
         model: the model to fill (built by :func:`build_model`).
-        source: path of a ``.keras`` model with the same architecture (layer names and shapes).
+        source: path of a ``.keras`` model with the same architecture (layer names and shapes), or
+            the same less scSE blocks or the hypercolumn.
     Returns:
-        dict with ``copied`` (layer names) and ``fresh`` (layers of ``model`` with weights that
-        ``source`` lacks, left as built or derived as above).
+        dict with ``copied`` (layer names), ``fresh`` (layers of ``model`` with weights that
+        ``source`` lacks, left as built or derived as above) and ``grown`` (layers copied with
+        zero-filled input channels, or new scSE layers set to the identity).
     Raises:
-        ValueError: naming the layer, where a layer of both models has weights of another shape.
+        ValueError: naming the layer, where a layer of both models has weights of another shape
+            (other than the hypercolumn's channels).
     """
     import keras
 
     src = keras.saving.load_model(source, compile=False, safe_mode=True)
     src_layers = {layer.name: layer for layer in src.layers}
-    copied, fresh = [], []
+    names = {layer.name for layer in model.layers}
+    # the hypercolumn added: its coarser levels' channels sit between the finest level's and the image's
+    hyper = "hypercolumn" in names and "hypercolumn" not in src_layers
+    finest = model.get_layer("hypercolumn").input[0].shape[-1] if hyper else None
+    copied, fresh, grown = [], [], []
     for layer in model.layers:
         if not layer.weights:
             continue
@@ -381,6 +396,12 @@ def init_weights(model, source) -> dict:
             continue
         new = [np.asarray(w, dtype=np.float32) for w in src_layers[layer.name].get_weights()]
         shapes = [tuple(w.shape) for w in layer.get_weights()]
+        if hyper and layer.name in ("logits", "seg_logits") and len(new) == 2 and new[0].ndim == 4:
+            added = shapes[0][2] - new[0].shape[2]
+            if added > 0 and new[0].shape[:2] == shapes[0][:2] and new[0].shape[3] == shapes[0][3]:
+                zeros = np.zeros((*new[0].shape[:2], added, new[0].shape[3]), np.float32)
+                new[0] = np.concatenate([new[0][:, :, :finest], zeros, new[0][:, :, finest:]], axis=2)
+                grown.append(layer.name)
         if [w.shape for w in new] != shapes:
             raise ValueError(f"{source}: layer {layer.name!r} has weights {[w.shape for w in new]}, "
                              f"the model to fine-tune {shapes}: another architecture")
@@ -391,7 +412,12 @@ def init_weights(model, source) -> dict:
         seg = model.get_layer("seg_logits")
         channels = seg.get_weights()[0].shape[2]
         seg.set_weights([kernel[:, :, :channels, :], bias])
-    return {"copied": copied, "fresh": fresh}
+    for name in list(fresh):  # new scSE blocks: both gates at sigmoid(0) = 0.5, the block the identity
+        if "_scse_" in name and name.endswith(("_cse_fc2", "_sse_conv")):
+            layer = model.get_layer(name)
+            layer.set_weights([np.zeros_like(w) for w in layer.get_weights()])
+            grown.append(name)
+    return {"copied": copied, "fresh": fresh, "grown": grown}
 
 
 def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbose: int = 2,
@@ -514,7 +540,8 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
         # a resumed stage 1 loads its backup over these in fit(); later stages load their own weights
         copied = init_weights(model, init_from)
         print(f"fold {fold}: weights from {init_from} ({len(copied['copied'])} layers"
-              + (f"; fresh: {', '.join(copied['fresh'])}" if copied["fresh"] else "") + ")")
+              + (f"; fresh: {', '.join(copied['fresh'])}" if copied["fresh"] else "")
+              + (f"; grown to the same function: {', '.join(copied['grown'])}" if copied["grown"] else "") + ")")
     print(
         f"fold {fold}: {len(train_idx)} train / {len(val_idx)} val images, "
         f"{model.count_params():,} parameters, {replicas} replica(s), global batch {global_batch}"

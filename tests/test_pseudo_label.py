@@ -112,6 +112,36 @@ def test_init_weights_refuses_another_architecture(tiny_bundle):
         train.init_weights(wider, bundle / "model0.keras")
 
 
+@pytest.mark.parametrize("scse, hypercolumn", [(True, True), (True, False), (False, True)])
+def test_init_weights_grows_scse_and_hypercolumn_as_the_same_function(tmp_path, scse, hypercolumn):
+    # a plain head model with random weights (no zero biases to hide a misplaced channel), float32
+    plain = {**HEAD, "mixed_precision": False, "depth": 3}
+    src = train.build_model(plain, for_inference=True)
+    rng = np.random.default_rng(0)
+    src.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in src.get_weights()])
+    src.save(tmp_path / "plain.keras")
+    grown = train.build_model({**plain, "scse": scse, "hypercolumn": hypercolumn})  # the training form
+    result = train.init_weights(grown, tmp_path / "plain.keras")
+    assert ("logits" in result["grown"]) == hypercolumn
+    assert "seg_logits" in result["fresh"]  # absent from an inference model: derived from the grown logits
+    scse_layers = sorted(n for n in result["grown"] if "_scse_" in n)
+    assert scse_layers == (sorted(f"dec{i}_scse_{p}" for i in (1, 2, 3) for p in ("cse_fc2", "sse_conv"))
+                           if scse else [])
+    x = rng.random((3, 101, 101, 1), np.float32)
+    out = np.asarray(grown(x, training=False))
+    np.testing.assert_allclose(out[..., 0], np.asarray(src(x, training=False))[..., 0], atol=1e-4, rtol=1e-4)
+    # the hypercolumn's new channels start at zero, between the finest level's and the image's
+    kernel = grown.get_layer("logits").get_weights()[0][0, 0, :, 0]
+    old = src.get_layer("logits").get_weights()[0][0, 0, :, 0]
+    added = kernel.size - old.size
+    assert added == (4 * 2 + 4 * 4 if hypercolumn else 0)  # dec2 (8) and dec3 (16 channels) enlarged
+    np.testing.assert_array_equal(kernel[:4], old[:4])
+    np.testing.assert_array_equal(kernel[4:4 + added], 0)
+    np.testing.assert_array_equal(kernel[4 + added:], old[4:])
+    seg = grown.get_layer("seg_logits").get_weights()[0][0, 0, :, 0]
+    np.testing.assert_array_equal(seg, kernel[: 4 + added])
+
+
 @pytest.fixture(scope="module")
 def fine_tuned(tiny_bundle, synthetic24, tmp_path_factory):
     bundle, ds, split = tiny_bundle
