@@ -63,6 +63,14 @@ def _finetune_sentence(record: dict) -> str:
     return text
 
 
+def _restored_sentence(record: dict) -> str:
+    """Where a fold folder rebuilt from a shipped bundle came from (``done.json``'s ``restored_from``,
+    written by tools/fold_from_bundle.py)."""
+    return (f"; **model file from the bundle `{record['bundle']}`** (`{record['model']}`, SHA-256"
+            f" {record['sha256'][:12]}…), its fold folder rebuilt by tools/fold_from_bundle.py: scored here, training"
+            f" time from {record.get('seconds_from', 'that bundle')}")
+
+
 def _bundle_sentence(metrics: dict) -> str:
     """Which folds' models the bundle holds, and what that means for the score."""
     folds, bundled = metrics["folds"], metrics.get("bundle_folds") or metrics["folds"]
@@ -213,6 +221,7 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
             + (f"; **its recipe differs from `params.yaml`**: {_describe(fold_diff[r['fold']])}"
                if r["fold"] in fold_diff else "")
             + (_finetune_sentence(finetuned[r["fold"]]) if r["fold"] in finetuned else "")
+            + (_restored_sentence(r["restored_from"]) if r.get("restored_from") else "")
         )
     cpu_s = sum(r.get("seconds", 0) for r in fold_rows if not r.get("hardware"))
     other = [r for r in fold_rows if r.get("hardware")]

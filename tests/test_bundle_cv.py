@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import load_tool
-from saltlib import data, evaluate, metric, predict, ship, train
+from saltlib import data, evaluate, metric, params, predict, ship, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
@@ -141,3 +141,56 @@ def test_write_refuses_a_bundle_without_a_card_before_scoring(new_bundle, tmp_pa
     with pytest.raises(FileNotFoundError, match="MODEL_CARD.md is missing"):
         tool.main([str(dest), "--write"])
     assert not (dest / "bundle_cv.json").exists()
+
+
+# tools/fold_from_bundle.py: a bundle's fold model made a fold folder again (here the smoke run's fold 1)
+
+
+@pytest.mark.parametrize("card, fold, expected", [
+    ("- fold 0: 2720 training images, 90 epochs in 1.76 h (38.6 images/s)\n"
+     "- fold 1: 2720 training images, 90 epochs in 1.84 h (37.0 images/s)\n", 1,
+     {"n_train": 2720, "epochs": 90, "seconds": 1.84 * 3600}),
+    ("- fold 2: 32 training images, 3 epochs in 1.5 min (1.1 images/s)\n", 2, {"n_train": 32, "epochs": 3, "seconds": 90.0}),
+    ("- fold 0: 2720 training images, 90 epochs in 1.76 h\n", 1, None),  # no line for fold 1
+    ("fold 1: 2720 training images, 90 epochs in 1.84 h\n", 1, None),  # not a card's list item
+])
+def test_card_training_reads_the_cards_training_line(card, fold, expected):
+    got = load_tool("fold_from_bundle").card_training(card, fold)
+    assert got == (pytest.approx(expected) if expected else None)
+
+
+def test_fold_from_bundle_rebuilds_the_fold_folder(smoke_ok, new_bundle, split, tmp_path, capsys):
+    tool = load_tool("fold_from_bundle")
+    run_fold = smoke_ok.run_dir / "models" / "fold1"
+    bundle = shutil.copytree(new_bundle, tmp_path / "b")
+    out = tmp_path / "run" / "models"
+    # a bundle whose card states no training time, and no --seconds: refused before anything is written
+    with pytest.raises(SystemExit, match=r"MODEL_CARD.md: no training line for fold 1; give its training time"):
+        tool.main([str(bundle), "--fold", "1", "--out", str(out), "--data-dir", str(smoke_ok.data_dir)])
+    (bundle / "MODEL_CARD.md").write_text("## Training\n\n- fold 1: 32 training images, 3 epochs in 1.5 min (1 images/s)\n")
+    dest = tool.main([str(bundle), "--fold", "1", "--out", str(out), "--data-dir", str(smoke_ok.data_dir)])
+    assert dest == out / "fold1" and sorted(p.name for p in out.iterdir()) == ["fold1"]  # no partial folder left
+    assert (dest / "model.keras").read_bytes() == (bundle / "model1.keras").read_bytes()
+    for name in ("recipe.json", "split.json"):  # what the smoke run's own fold folder records
+        assert json.loads((dest / name).read_text()) == json.loads((run_fold / name).read_text()), name
+    ds, fold_of = split
+    mine, theirs = (train.load_oof(d, ds, fold_of, [1]) for d in (out, smoke_ok.run_dir / "models"))
+    np.testing.assert_array_equal(mine["idx"], theirs["idx"])
+    np.testing.assert_allclose(mine["logits_tta"], theirs["logits_tta"], atol=0.02, rtol=0.002)
+    done, ran = (json.loads((d / "done.json").read_text()) for d in (dest, run_fold))
+    truth = ds.masks[mine["idx"]]
+    assert done["val_score_tta"] == pytest.approx(metric.competition_score(truth, mine["logits_tta"] > 0))
+    assert done["val_score"] == pytest.approx(ran["val_score"], abs=0.02)  # the same file, scored again here
+    assert (done["epochs"], done["seconds"], done["n_train"], done["n_val"]) == (3, 90.0, ran["n_train"], ran["n_val"])
+    assert done["restored_from"]["model"] == "model1.keras" and done["restored_from"]["held_out"] == \
+        "held-out ids match bundle.json"
+    assert "val_score" in capsys.readouterr().out
+    # training the fold again with the bundle's recipe takes it as finished, without a NOTE
+    summary = train.train_fold(ds, fold_of, 1, params.load(bundle / "params.yaml"), out)
+    assert summary == done and "already trained" in capsys.readouterr().out
+    assert "model file from the bundle" in ship._restored_sentence(done["restored_from"])
+    # never overwritten
+    with pytest.raises(SystemExit, match="fold1 exists; it is not overwritten"):
+        tool.main([str(bundle), "--fold", "1", "--out", str(out), "--data-dir", str(smoke_ok.data_dir), "--seconds", "5"])
+    with pytest.raises(SystemExit, match=r"no model of fold 2 \(its folds: \[0, 1\]\)"):
+        tool.main([str(bundle), "--fold", "2", "--out", str(out), "--data-dir", str(smoke_ok.data_dir), "--seconds", "5"])
