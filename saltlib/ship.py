@@ -66,7 +66,8 @@ def _finetune_sentence(record: dict) -> str:
 def _restored_sentence(record: dict) -> str:
     """Where a fold folder rebuilt from a shipped bundle came from (``done.json``'s ``restored_from``,
     written by tools/fold_from_bundle.py)."""
-    return (f"; **model file from the bundle `{record['bundle']}`** (`{record['model']}`, SHA-256"
+    at = f" at git {record['commit'][:7]}" if record.get("commit") else ""
+    return (f"; **model file from the bundle `{record['bundle']}`{at}** (`{record['model']}`, SHA-256"
             f" {record['sha256'][:12]}…), its fold folder rebuilt by tools/fold_from_bundle.py: scored here, training"
             f" time from {record.get('seconds_from', 'that bundle')}")
 

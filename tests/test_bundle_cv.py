@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import load_tool
-from saltlib import data, evaluate, metric, params, predict, ship, train
+from saltlib import data, evaluate, metric, params, predict, runner, ship, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
@@ -188,7 +188,9 @@ def test_fold_from_bundle_rebuilds_the_fold_folder(smoke_ok, new_bundle, split, 
     # training the fold again with the bundle's recipe takes it as finished, without a NOTE
     summary = train.train_fold(ds, fold_of, 1, params.load(bundle / "params.yaml"), out)
     assert summary == done and "already trained" in capsys.readouterr().out
-    assert "model file from the bundle" in ship._restored_sentence(done["restored_from"])
+    assert done["restored_from"]["commit"] == runner.git_info()["commit"]  # where the bundle can be found again
+    assert f"model file from the bundle `{bundle}` at git {done['restored_from']['commit'][:7]}**" in \
+        ship._restored_sentence(done["restored_from"])
     # never overwritten
     with pytest.raises(SystemExit, match="fold1 exists; it is not overwritten"):
         tool.main([str(bundle), "--fold", "1", "--out", str(out), "--data-dir", str(smoke_ok.data_dir), "--seconds", "5"])

@@ -17,7 +17,8 @@ What it writes:
   (checked against the held-out digest ``bundle.json`` records, where it has one);
 - ``done.json`` and ``timing.json``: the scores here, and the training time the bundle's
   ``MODEL_CARD.md`` states for the fold (``--seconds`` where it states none), with ``restored_from``
-  (the bundle, the file and its SHA-256), which the model card of a run shipping it repeats.
+  (the bundle, the file, its SHA-256 and the git commit checked out), which the model card of a run
+  shipping it repeats.
 
 The training history (``history.csv``) is not in a bundle and is not made up. An existing fold
 folder is never overwritten; the folder is written beside its destination and renamed at the end.
@@ -68,7 +69,7 @@ def restore(bundle_dir, fold: int, out, data_dir=None, seconds: float | None = N
     """
     import keras
 
-    from saltlib import data, evaluate, io, metric, params, predict, train
+    from saltlib import data, evaluate, io, metric, params, predict, runner, train
 
     bundle_dir = Path(bundle_dir)
     spec = predict.read_bundle_spec(bundle_dir)
@@ -127,7 +128,9 @@ def restore(bundle_dir, fold: int, out, data_dir=None, seconds: float | None = N
             "models": ["model.keras"], "member_scores_tta": {"model.keras": score_tta},
             "epochs": int(epochs), "seconds": round(float(seconds), 1),
             "train_images_per_s": round(n_train * epochs / max(seconds, 1e-9), 2),
+            # the commit checked out here: the bundle can be found there should it leave models/ later
             "restored_from": {"bundle": str(bundle_dir), "model": src.name, "sha256": digest,
+                              "commit": runner.git_info().get("commit"),
                               "seconds_from": seconds_from, "held_out": checked, "matched": matched},
         })
         if dest.exists():
