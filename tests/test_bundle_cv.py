@@ -187,7 +187,8 @@ def test_fold_from_bundle_rebuilds_the_fold_folder(smoke_ok, new_bundle, split, 
     assert "val_score" in capsys.readouterr().out
     # training the fold again with the bundle's recipe takes it as finished, without a NOTE
     summary = train.train_fold(ds, fold_of, 1, params.load(bundle / "params.yaml"), out)
-    assert summary == done and "already trained" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert summary == done and "already trained" in out_text and "NOTE" not in out_text
     assert done["restored_from"]["commit"] == runner.git_info()["commit"]  # where the bundle can be found again
     assert f"model file from the bundle `{bundle}` at git {done['restored_from']['commit'][:7]}**" in \
         ship._restored_sentence(done["restored_from"])
