@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -32,6 +34,29 @@ def atomic_path(path, suffix: str | None = None):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+
+@contextlib.contextmanager
+def atomic_dir(dest, hint: str = ""):
+    """Yield a new hidden folder beside ``dest`` to fill; rename it to ``dest`` if the block succeeds.
+
+    A failure (or an interruption) removes the folder, so no half-written ``dest`` is ever seen;
+    listings skip the hidden name (``.<name>.partial-<hex>``) meanwhile. ``dest`` is never
+    overwritten: if it exists when the block ends, :class:`FileExistsError` names it (followed by
+    ``hint`` in brackets, e.g. what to do instead) and the new folder is removed.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.partial-{secrets.token_hex(4)}"
+    tmp.mkdir()  # the usual mode (mkdtemp's 0700 would outlive the rename)
+    try:
+        yield tmp
+        if dest.exists():
+            raise FileExistsError(f"{dest} exists; it is not overwritten" + (f" ({hint})" if hint else ""))
+        os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path, text: str) -> Path:

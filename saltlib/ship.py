@@ -9,9 +9,6 @@ hardware, and the commands that reproduce it. A finished run is required.
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 from pathlib import Path
 
 from . import io, predict, train
@@ -381,20 +378,12 @@ def ship(run_dir, name: str, models_dir=None, benchmark_file=None) -> Path:
     copied = {f: _read_text(run_dir / f) for f in ("params.yaml", "metrics.json", "run.json")}  # run.json: provenance
     models = [run_dir / "bundle" / m for m in spec["models"]]
     meta = {**(spec.get("meta") or {}), "name": name, "source_run": run_dir.name}
-    # built in a hidden sibling folder and renamed at the end: a failure leaves no half bundle behind
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{name}.partial-{secrets.token_hex(4)}"  # hidden: listings of models/ skip it
-    tmp.mkdir()  # the usual mode (mkdtemp's 0700 would outlive the rename)
-    try:
+    # built in a hidden sibling folder and renamed at the end: a failure leaves no half bundle behind,
+    # and a bundle shipped meanwhile by another process is not overwritten
+    with io.atomic_dir(dest, "pick another --name") as tmp:
         predict.write_bundle(tmp, models, spec["threshold"], spec["min_size"], spec["tta"], meta=meta,
                              peak_gate=spec["peak_gate"])
         for f, text in copied.items():
             io.write_text(tmp / f, text)
         io.write_text(tmp / "MODEL_CARD.md", card)
-        if dest.exists():  # shipped meanwhile by another process
-            raise FileExistsError(f"{dest} exists; shipped bundles are not overwritten (pick another --name)")
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest

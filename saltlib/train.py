@@ -8,7 +8,8 @@ not retrained.
 
 Files in a fold folder ``OUT/fold<k>/``::
 
-    stage<i>.weights.h5   weights after stage i finished
+    stage<i>.weights.h5   weights after stage i finished (the last one alone also marks the
+                          stages before it finished)
     backup<i>/            the in-progress stage's checkpoint (BackupAndRestore, written atomically)
     history.csv           one row per epoch: stage, loss, learning rate, val_score
     model.keras           the final model for inference (bfloat16 weights if mixed precision)
@@ -486,7 +487,7 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
     extends = (  # more stages after finished ones (a warm restart added later) is a clean resume
         set(diff) == {"stages"}
         and now["stages"][: len(recorded["stages"])] == recorded["stages"]
-        and all((fold_dir / f"stage{s}.weights.h5").exists() for s in range(1, len(recorded["stages"]) + 1))
+        and (fold_dir / f"stage{len(recorded['stages'])}.weights.h5").exists()
     )
     if diff and not extends:
         raise ValueError(
@@ -533,10 +534,19 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
     if bf16 and not native:
         print(f"fold {fold}: WARNING mixed_precision: true on a machine without native bfloat16: it is emulated and "
               "trains several times slower than float32 (6x on an AVX2 CPU); set mixed_precision: auto or false")
+    # the last stage whose weights are kept marks every stage before it finished, so a fold folder
+    # may keep only that file (tools/park_fold.py carries such a folder between machines)
+    last_done = max((s for s in range(1, len(cfg["stages"]) + 1) if (fold_dir / f"stage{s}.weights.h5").exists()),
+                    default=0)
+    missing = [s for s in sorted(set(cfg["snapshots"]))
+               if s < last_done and not (fold_dir / f"stage{s}.weights.h5").exists()]
+    if missing:
+        raise ValueError(f"fold {fold} in {fold_dir}: snapshots {cfg['snapshots']} need stage{missing[0]}.weights.h5, "
+                         f"which is gone (only later stages' weights are kept)")
     keras.utils.set_random_seed(cfg["seed"] + fold)
     with strategy.scope():
         model = build_model(cfg)
-    if init is not None and not (fold_dir / "stage1.weights.h5").exists():
+    if init is not None and not last_done:
         # a resumed stage 1 loads its backup over these in fit(); later stages load their own weights
         copied = init_weights(model, init_from)
         print(f"fold {fold}: weights from {init_from} ({len(copied['copied'])} layers"
@@ -548,7 +558,10 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
     )
     for s, stage in enumerate(cfg["stages"], start=1):
         stage_path = fold_dir / f"stage{s}.weights.h5"
-        if stage_path.exists():
+        if s < last_done:
+            print(f"fold {fold} stage {s} ({stage['loss']}): finished earlier")
+            continue
+        if s == last_done:
             print(f"fold {fold} stage {s} ({stage['loss']}): finished earlier, loading its weights")
             model.load_weights(stage_path)
             continue

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -109,36 +108,31 @@ def restore(bundle_dir, fold: int, out, data_dir=None, seconds: float | None = N
         raise SystemExit(str(e)) from None
     val, n_train = np.flatnonzero(split == fold), int((split != fold).sum())
 
-    tmp = dest.parent / f".{dest.name}.partial-{secrets.token_hex(4)}"
-    tmp.mkdir(parents=True)
     try:
-        shutil.copyfile(src, tmp / "model.keras")
-        model = keras.saving.load_model(tmp / "model.keras", compile=False)  # as train_fold scores its own file
-        x, y = ds.images[val], ds.masks[val]
-        logits, logits_tta = train.predict_logits(model, x), train.predict_logits(model, x, tta=True)
-        np.savez_compressed(tmp / "oof.npz", ids=ds.ids[val], logits=logits.astype(np.float16),
-                            logits_tta=logits_tta.astype(np.float16))
-        io.write_json(tmp / "recipe.json", train.recipe({k: cfg[k] for k in train.TRAIN_KEYS}))
-        io.write_json(tmp / "split.json", train.split_record(ds.ids, split, fold))
-        io.write_json(tmp / "timing.json", {"seconds": seconds})
-        score_tta = metric.competition_score(y, logits_tta > 0)
-        io.write_json(tmp / "done.json", {
-            "fold": fold, "n_train": n_train, "n_val": int(len(val)),
-            "val_score": metric.competition_score(y, logits > 0), "val_score_tta": score_tta,
-            "models": ["model.keras"], "member_scores_tta": {"model.keras": score_tta},
-            "epochs": int(epochs), "seconds": round(float(seconds), 1),
-            "train_images_per_s": round(n_train * epochs / max(seconds, 1e-9), 2),
-            # the commit checked out here: the bundle can be found there should it leave models/ later
-            "restored_from": {"bundle": str(bundle_dir), "model": src.name, "sha256": digest,
-                              "commit": runner.git_info().get("commit"),
-                              "seconds_from": seconds_from, "held_out": checked, "matched": matched},
-        })
-        if dest.exists():
-            raise SystemExit(f"{dest} exists; it is not overwritten (pick another --out)")
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with io.atomic_dir(dest, "pick another --out") as tmp:
+            shutil.copyfile(src, tmp / "model.keras")
+            model = keras.saving.load_model(tmp / "model.keras", compile=False)  # as train_fold scores its own file
+            x, y = ds.images[val], ds.masks[val]
+            logits, logits_tta = train.predict_logits(model, x), train.predict_logits(model, x, tta=True)
+            np.savez_compressed(tmp / "oof.npz", ids=ds.ids[val], logits=logits.astype(np.float16),
+                                logits_tta=logits_tta.astype(np.float16))
+            io.write_json(tmp / "recipe.json", train.recipe({k: cfg[k] for k in train.TRAIN_KEYS}))
+            io.write_json(tmp / "split.json", train.split_record(ds.ids, split, fold))
+            io.write_json(tmp / "timing.json", {"seconds": seconds})
+            score_tta = metric.competition_score(y, logits_tta > 0)
+            io.write_json(tmp / "done.json", {
+                "fold": fold, "n_train": n_train, "n_val": int(len(val)),
+                "val_score": metric.competition_score(y, logits > 0), "val_score_tta": score_tta,
+                "models": ["model.keras"], "member_scores_tta": {"model.keras": score_tta},
+                "epochs": int(epochs), "seconds": round(float(seconds), 1),
+                "train_images_per_s": round(n_train * epochs / max(seconds, 1e-9), 2),
+                # the commit checked out here: the bundle can be found there should it leave models/ later
+                "restored_from": {"bundle": str(bundle_dir), "model": src.name, "sha256": digest,
+                                  "commit": runner.git_info().get("commit"),
+                                  "seconds_from": seconds_from, "held_out": checked, "matched": matched},
+            })
+    except FileExistsError as e:
+        raise SystemExit(str(e)) from None
     done = io.read_json(dest / "done.json")
     print(f"{dest}: {src} (fold {fold}, {len(val)} held-out images; {checked}): val_score {done['val_score']:.4f}, "
           f"with flip TTA {done['val_score_tta']:.4f}; training time {seconds / 3600:.2f} h from {seconds_from}")

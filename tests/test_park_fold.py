@@ -1,0 +1,140 @@
+"""tools/park_fold.py and resuming from the last stage's weights alone: an unfinished fold parked
+at a stage boundary, put back in another model folder, finishes as one that kept every file.
+Tiny models (4 base filters, depth 2) on 24 synthetic images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import keras
+
+from conftest import load_tool  # noqa: E402
+from saltlib import data, train  # noqa: E402
+from saltlib.predict import _sha256  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+THREE = {
+    "base_filters": 4,
+    "depth": 2,
+    "blocks_per_level": 1,
+    "dropout": 0.1,
+    "mixed_precision": False,
+    "batch_size": 4,
+    "stages": [{"loss": "bce", "epochs": 1, "lr": 0.01}, {"loss": "bce", "epochs": 1, "lr": 0.005},
+               {"loss": "lovasz", "epochs": 1, "lr": 0.002}],
+    "flip": True,
+    "val_every": 1,
+    "seed": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(synthetic24):
+    ds = data.load_train(synthetic24.root)
+    return ds, data.kfold(ds, 3, 42)
+
+
+@pytest.fixture(scope="module")
+def finished(dataset, tmp_path_factory):
+    ds, folds = dataset
+    out = tmp_path_factory.mktemp("ref") / "models"
+    train.train_fold(ds, folds, 1, THREE, out, verbose=0)
+    return out / "fold1"
+
+
+def _stopped_after_stage2(finished, where):
+    """``where/fold1`` as a fold stopped during stage 3: stage 3's weights, the model, OOF logits
+    and done.json gone, a stage-3 backup folder left (history.csv still has stage 3's row)."""
+    fold = where / "fold1"
+    shutil.copytree(finished, fold)
+    for name in ("done.json", "model.keras", "oof.npz", "stage3.weights.h5"):
+        (fold / name).unlink()
+    (fold / "backup3").mkdir()
+    return fold
+
+
+def _weights(fold_dir):
+    m = keras.saving.load_model(fold_dir / "model.keras", compile=False)
+    return [np.asarray(w) for w in m.get_weights()]
+
+
+def test_park_carries_the_last_stage_and_records(finished, tmp_path, capsys):
+    tool = load_tool("park_fold")
+    fold = _stopped_after_stage2(finished, tmp_path / "run")
+    parked = tool.park(fold, tmp_path / "checkpoints" / "run")
+    assert parked == tmp_path / "checkpoints" / "run" / "fold1"
+    assert sorted(p.name for p in parked.iterdir()) == [
+        "history.csv", "park.json", "recipe.json", "split.json", "stage2.weights.h5", "timing.json"]
+    record = json.loads((parked / "park.json").read_text())
+    assert (record["fold"], record["stage"], record["stages"]) == (1, 2, 3)
+    assert (record["epochs_done"], record["epochs_total"]) == (2, 3)
+    assert record["seconds"] == json.loads((fold / "timing.json").read_text())["seconds"]
+    assert record["files"] == {n: _sha256(parked / n) for n in record["files"]}
+    assert _sha256(parked / "stage2.weights.h5") == _sha256(fold / "stage2.weights.h5")
+    assert pd.read_csv(fold / "history.csv")["stage"].tolist() == [1, 2, 3]
+    assert pd.read_csv(parked / "history.csv")["stage"].tolist() == [1, 2]  # stage 3's row is not carried
+    out = capsys.readouterr().out
+    assert "parked fold 1 at stage 2 of 3 (2 of 3 epochs)" in out and "not carried: backup3" in out
+    assert not [p for p in parked.parent.iterdir() if p.name.startswith(".")]  # no hidden folder left
+
+
+def test_unparked_fold_finishes_as_one_that_kept_every_stage(finished, dataset, tmp_path):
+    """The parked fold (stage 2's weights only) and the stopped fold itself (stages 1 and 2) both
+    train stage 3 alone, from the same weights and data stream: the same model, bit for bit here."""
+    ds, folds = dataset
+    tool = load_tool("park_fold")
+    kept = _stopped_after_stage2(finished, tmp_path / "kept")
+    parked = tool.park(kept, tmp_path / "checkpoints")
+    shutil.rmtree(kept / "backup3")
+    back = tool.unpark(parked, tmp_path / "elsewhere" / "models")
+    assert back == tmp_path / "elsewhere" / "models" / "fold1" and not (back / "stage1.weights.h5").exists()
+    assert json.loads((back / "parked.json").read_text()) == json.loads((parked / "park.json").read_text())
+    a = train.train_fold(ds, folds, 1, THREE, back.parent, verbose=0)
+    b = train.train_fold(ds, folds, 1, THREE, kept.parent, verbose=0)
+    assert pd.read_csv(back / "history.csv")[["stage", "epoch"]].values.tolist() == [[1, 1], [2, 1], [3, 1]]
+    assert a["epochs"] == b["epochs"] == 3 and a["seconds"] >= json.loads((parked / "park.json").read_text())["seconds"]
+    for x, y in zip(_weights(back), _weights(kept)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    assert a["val_score"] == b["val_score"]
+
+
+def test_park_and_unpark_refusals(finished, tmp_path):
+    tool = load_tool("park_fold")
+    with pytest.raises(SystemExit, match="the fold is finished"):
+        tool.park(finished, tmp_path / "c")
+    fresh = tmp_path / "run" / "fold1"
+    fresh.mkdir(parents=True)
+    for name in ("recipe.json", "split.json"):
+        shutil.copy2(finished / name, fresh / name)
+    with pytest.raises(SystemExit, match="no stage has finished"):
+        tool.park(fresh, tmp_path / "c")
+    with pytest.raises(SystemExit, match="named fold<k>"):
+        tool.park(tmp_path / "run", tmp_path / "c")
+    stopped = _stopped_after_stage2(finished, tmp_path / "s")
+    with pytest.raises(SystemExit, match="no stage3.weights.h5"):
+        tool.park(stopped, tmp_path / "c", also_stages=[3])
+    parked = tool.park(stopped, tmp_path / "c", also_stages=[1])
+    assert (parked / "stage1.weights.h5").is_file()
+    with pytest.raises(SystemExit, match="fold1 exists"):
+        tool.park(stopped, tmp_path / "c")
+    with pytest.raises(SystemExit, match="fold1 exists"):
+        tool.unpark(parked, stopped.parent)
+    with open(parked / "stage2.weights.h5", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(SystemExit, match="stage2.weights.h5: its SHA-256 differs"):
+        tool.unpark(parked, tmp_path / "other")
+    assert not (tmp_path / "other").exists() or not list((tmp_path / "other").iterdir())
+
+
+def test_snapshot_of_a_stage_not_kept_is_named(finished, dataset, tmp_path):
+    ds, folds = dataset
+    fold = _stopped_after_stage2(finished, tmp_path / "run")
+    (fold / "stage1.weights.h5").unlink()
+    with pytest.raises(ValueError, match="snapshots \\[1\\] need stage1.weights.h5"):
+        train.train_fold(ds, folds, 1, {**THREE, "snapshots": [1]}, fold.parent, verbose=0)

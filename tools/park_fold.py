@@ -1,0 +1,199 @@
+"""Carry an unfinished fold from one machine to another through git, at a stage boundary.
+
+``salt train`` keeps a fold's state in ``papermill_runs/<run>/models/fold<k>/``, which is
+git-ignored: a fold that needs more than one sitting, on machines that do not keep that folder
+between sittings, would start again from scratch each time. Between two stages nothing but the
+weights is needed to go on (each stage starts a fresh optimizer and learning-rate schedule), so
+``park`` copies what a resume reads into a small folder that can be committed::
+
+    python tools/park_fold.py park papermill_runs/RUN/models/fold0 checkpoints/RUN
+
+and, on the next machine, ``unpark`` puts it back as a fold folder that ``salt train`` (or
+``salt run --resume``) finishes with the same parameter file::
+
+    python tools/park_fold.py unpark checkpoints/RUN/fold0 papermill_runs/RUN/models
+    salt train PARAMS --out papermill_runs/RUN/models --folds 0
+
+What is carried: ``recipe.json`` and ``split.json`` (so the resume is checked against the same
+recipe and images), ``timing.json`` and ``history.csv`` (cut to the stages carried: the training
+time and learning curve go on), ``init.json`` for a fine-tuned fold, and the weights of the last
+finished stage (``stage<i>.weights.h5``, float32 as training keeps them; ``salt train`` takes the
+last stage whose weights are there as the end of every stage before it). The stages still to come
+see the same augmented batches as in an uninterrupted run (their data streams are seeded per
+stage); only dropout's random stream differs. Earlier stages' weights go too where
+``--also-stages`` names them (a recipe whose ``snapshots`` ensemble them). ``park.json`` records
+each file's SHA-256, the stage reached, the training seconds so far, the git commit and the
+machine; ``unpark`` checks the digests. Epochs of a stage in progress (``backup<i>/``) are not
+carried: park after a stage ends (a fold that went on training meanwhile can be parked at its
+last finished stage, as long as its ``timing.json`` has not yet counted the new stage's time:
+the file is updated when a stage's ``fit`` ends or is interrupted). A finished fold
+(``done.json``) is not parked: its model ships, and ``tools/fold_from_bundle.py`` brings a
+shipped fold back. Neither command overwrites anything; each writes beside its destination and
+renames at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+#: the files a resume reads besides the weights; the first two must be there
+RECORDS = ("recipe.json", "split.json", "timing.json", "history.csv", "init.json")
+STAGE = re.compile(r"^stage(\d+)\.weights\.h5$")
+
+
+def _fold_number(path: Path) -> int:
+    m = re.fullmatch(r"fold(\d+)", path.name)
+    if not m:
+        raise SystemExit(f"{path}: a fold folder is named fold<k> (fold0, fold1, ...)")
+    return int(m[1])
+
+
+def park(fold_dir, dest_root, also_stages=()) -> Path:
+    """Copy what resuming ``fold_dir`` needs into ``dest_root/fold<k>/`` (see the module docstring).
+
+    Args:
+        fold_dir: an unfinished fold folder ``OUT/fold<k>`` with at least one finished stage.
+        dest_root: the folder to park it in (``checkpoints/<run>``).
+        also_stages: earlier stages whose weights go too: those the run's ``snapshots`` name
+            (``recipe.json`` does not record them; a resume that needs one missing says so).
+    Returns:
+        the parked fold folder.
+    Raises:
+        SystemExit: naming the folder or file: not a fold folder, finished, no finished stage, a
+            missing record, an existing destination.
+    """
+    fold_dir = Path(fold_dir)
+    fold = _fold_number(fold_dir)
+    dest = Path(dest_root) / fold_dir.name
+    if (fold_dir / "done.json").exists():
+        raise SystemExit(f"{fold_dir}: the fold is finished (done.json); ship its model instead of parking it")
+    for name in RECORDS[:2]:
+        if not (fold_dir / name).is_file():
+            raise SystemExit(f"{fold_dir}: no {name}; is this a fold folder that salt train started?")
+    recipe = json.loads((fold_dir / "recipe.json").read_text())
+    stages = {int(m[1]) for p in fold_dir.iterdir() if (m := STAGE.match(p.name))}
+    if not stages:
+        raise SystemExit(f"{fold_dir}: no stage has finished (no stage<i>.weights.h5); nothing to park yet")
+    last = max(stages)
+    absent = sorted(set(also_stages) - stages)
+    if absent:
+        raise SystemExit(f"{fold_dir}: no stage{absent[0]}.weights.h5 (stages finished: {sorted(stages)})")
+    weights = [f"stage{s}.weights.h5" for s in sorted({last, *also_stages})]
+    if dest.exists():
+        raise SystemExit(f"{dest} exists; park into another folder or remove it first")
+    names = [n for n in RECORDS if (fold_dir / n).is_file()] + weights
+    timing = json.loads((fold_dir / "timing.json").read_text()) if (fold_dir / "timing.json").is_file() else {}
+    epochs = sum(int(st["epochs"]) for st in recipe["stages"][:last])
+    in_progress = sorted(p.name for p in fold_dir.glob("backup*") if p.is_dir())
+
+    import pandas as pd
+
+    from saltlib import hardware, io, runner
+    from saltlib.predict import _sha256
+
+    record = {
+        "parked_from": str(fold_dir),
+        "fold": fold,
+        "stage": last,
+        "stages": len(recipe["stages"]),
+        "epochs_done": epochs,
+        "epochs_total": sum(int(st["epochs"]) for st in recipe["stages"]),
+        "seconds": timing.get("seconds"),
+        "files": {},  # name -> SHA-256 of the parked copy
+        "commit": runner.git_info().get("commit"),
+        "machine": hardware.describe(),
+        "parked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+    try:
+        with io.atomic_dir(dest, "park into another folder") as tmp:
+            for n in names:
+                if n == "history.csv":  # the rows of the stages carried (not those of one in progress)
+                    rows = pd.read_csv(fold_dir / n)
+                    rows[rows["stage"] <= last].to_csv(tmp / n, index=False)
+                else:
+                    shutil.copy2(fold_dir / n, tmp / n)
+            record["files"] = {n: _sha256(tmp / n) for n in names}
+            if any(_sha256(fold_dir / n) != record["files"][n] for n in weights):
+                raise SystemExit(f"{fold_dir}: a weights file changed while it was copied")
+            io.write_json(tmp / "park.json", record)
+    except FileExistsError as e:
+        raise SystemExit(str(e)) from None
+    size = sum((dest / n).stat().st_size for n in names) / 2**20
+    print(f"parked fold {fold} at stage {last} of {record['stages']} ({epochs} of {record['epochs_total']} epochs)"
+          f" in {dest} ({size:.1f} MiB)")
+    if in_progress:
+        print(f"not carried: {', '.join(in_progress)} (epochs of the stage in progress; they are trained again)")
+    return dest
+
+
+def unpark(parked, out) -> Path:
+    """Put a parked fold back as ``out/fold<k>/``, its files checked against ``park.json``.
+
+    Args:
+        parked: a folder ``park`` wrote (``checkpoints/<run>/fold<k>``).
+        out: the run's model folder (``papermill_runs/<run>/models``).
+    Returns:
+        the fold folder written; ``salt train PARAMS --out OUT --folds k`` finishes it.
+    Raises:
+        SystemExit: naming the file: no ``park.json``, a missing or changed file, an existing fold folder.
+    """
+    from saltlib import io
+    from saltlib.predict import _sha256
+
+    parked = Path(parked)
+    fold = _fold_number(parked)
+    record_path = parked / "park.json"
+    if not record_path.is_file():
+        raise SystemExit(f"{parked}: no park.json; not a folder that park_fold.py park wrote")
+    record = json.loads(record_path.read_text())
+    for n, digest in record["files"].items():
+        if not (parked / n).is_file():
+            raise SystemExit(f"{parked / n}: missing (park.json lists it)")
+        if _sha256(parked / n) != digest:
+            raise SystemExit(f"{parked / n}: its SHA-256 differs from the one park.json records; the file changed")
+    dest = Path(out) / f"fold{fold}"
+    if dest.exists():
+        raise SystemExit(f"{dest} exists; unpark into another run's model folder or remove it first")
+
+    try:
+        with io.atomic_dir(dest, "unpark into another run's model folder") as tmp:
+            for n in record["files"]:
+                shutil.copy2(parked / n, tmp / n)
+            shutil.copy2(record_path, tmp / "parked.json")
+    except FileExistsError as e:
+        raise SystemExit(str(e)) from None
+    print(f"fold {fold} back in {dest} at the end of stage {record['stage']} of {record['stages']} "
+          f"({record['epochs_done']} of {record['epochs_total']} epochs); salt train PARAMS --out {out} "
+          f"--folds {fold} goes on")
+    return dest
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("park", help="copy an unfinished fold's resume state into a folder to commit")
+    p.add_argument("fold_dir", help="papermill_runs/RUN/models/fold<k>")
+    p.add_argument("dest", help="the folder to park it in, e.g. checkpoints/RUN (fold<k>/ is made there)")
+    p.add_argument("--also-stages", type=lambda v: [int(x) for x in v.split(",")], default=[],
+                   help="earlier stages whose weights go too (the run's snapshots), e.g. 2")
+    u = sub.add_parser("unpark", help="put a parked fold back where salt train resumes it")
+    u.add_argument("parked", help="checkpoints/RUN/fold<k>")
+    u.add_argument("out", help="the run's model folder, e.g. papermill_runs/RUN/models")
+    args = ap.parse_args(argv)
+    if args.command == "park":
+        return park(args.fold_dir, args.dest, args.also_stages)
+    return unpark(args.parked, args.out)
+
+
+if __name__ == "__main__":
+    main()
