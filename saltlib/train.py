@@ -185,6 +185,39 @@ def save_model(model, cfg: dict, path) -> Path:
     return Path(path)
 
 
+
+def write_oof(fold_dir, members, ids, images, masks) -> dict:
+    """Score a fold's saved models on its held-out images and write ``fold_dir/oof.npz``.
+
+    Each member file is loaded as saved (so the scores are those of what a bundle ships) and
+    predicts ``images`` with and without flip TTA; the fold's logits are the members' mean.
+
+    Args:
+        fold_dir: the fold folder holding the member files.
+        members: file names in ``fold_dir`` (``["model.keras"]``, plus any snapshots).
+        ids: ``(M,)`` ids of the held-out images.
+        images: ``(M, H, W, 1)`` held-out images in [0, 1].
+        masks: ``(M, H, W)`` their masks.
+    Returns:
+        ``{"val_score", "val_score_tta", "member_scores_tta"}``: the competition metric at logit 0
+        of the mean logits, of the mean TTA logits, and of each member's TTA logits.
+    """
+    import keras
+
+    member_scores, logits, logits_tta = {}, 0.0, 0.0
+    for name in members:
+        member = keras.saving.load_model(Path(fold_dir) / name, compile=False)
+        one, one_tta = predict_logits(member, images), predict_logits(member, images, tta=True)
+        member_scores[name] = metric.competition_score(masks, one_tta > 0)
+        logits, logits_tta = logits + one / len(members), logits_tta + one_tta / len(members)
+    with io.atomic_path(Path(fold_dir) / "oof.npz") as tmp:
+        np.savez_compressed(tmp, ids=np.asarray(ids), logits=logits.astype(np.float16),
+                            logits_tta=logits_tta.astype(np.float16))
+    return {"val_score": metric.competition_score(masks, logits > 0),
+            "val_score_tta": metric.competition_score(masks, logits_tta > 0),
+            "member_scores_tta": member_scores}
+
+
 def load_oof(models_dir, dataset, split: np.ndarray, folds) -> dict:
     """The out-of-fold predictions that :func:`train_fold` saved (``fold<k>/oof.npz``), in one set.
 
@@ -623,25 +656,15 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
     for s in snapshots:
         model.load_weights(fold_dir / f"stage{s}.weights.h5")
         save_model(model, cfg, fold_dir / f"snapshot{s}.keras")
-    member_scores, logits, logits_tta = {}, 0.0, 0.0
-    for name in members:
-        member = keras.saving.load_model(fold_dir / name, compile=False)
-        one, one_tta = predict_logits(member, x_va), predict_logits(member, x_va, tta=True)
-        member_scores[name] = metric.competition_score(y_va, one_tta > 0)
-        logits, logits_tta = logits + one / len(members), logits_tta + one_tta / len(members)
-    with io.atomic_path(fold_dir / "oof.npz") as tmp:
-        np.savez_compressed(
-            tmp, ids=dataset.ids[val_idx], logits=logits.astype(np.float16),
-            logits_tta=logits_tta.astype(np.float16),
-        )
+    scores = write_oof(fold_dir, members, dataset.ids[val_idx], x_va, y_va)
     summary = {
         "fold": fold,
         "n_train": int(len(train_idx)),
         "n_val": int(len(val_idx)),
-        "val_score": metric.competition_score(y_va, logits > 0),
-        "val_score_tta": metric.competition_score(y_va, logits_tta > 0),
+        "val_score": scores["val_score"],
+        "val_score_tta": scores["val_score_tta"],
         "models": members,
-        "member_scores_tta": member_scores,
+        "member_scores_tta": scores["member_scores_tta"],
         "epochs": int(sum(st["epochs"] for st in cfg["stages"])),
         "seconds": round(seconds, 1),
         "train_images_per_s": round(

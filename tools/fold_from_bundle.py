@@ -66,9 +66,7 @@ def restore(bundle_dir, fold: int, out, data_dir=None, seconds: float | None = N
         SystemExit: naming the file or value: no such fold in the bundle, more than one model for it
             (snapshots), a held-out digest that differs, no training time, an existing fold folder.
     """
-    import keras
-
-    from saltlib import data, evaluate, io, metric, params, predict, runner, train
+    from saltlib import data, evaluate, io, params, predict, runner, train
 
     bundle_dir = Path(bundle_dir)
     spec = predict.read_bundle_spec(bundle_dir)
@@ -111,19 +109,12 @@ def restore(bundle_dir, fold: int, out, data_dir=None, seconds: float | None = N
     try:
         with io.atomic_dir(dest, "pick another --out") as tmp:
             shutil.copyfile(src, tmp / "model.keras")
-            model = keras.saving.load_model(tmp / "model.keras", compile=False)  # as train_fold scores its own file
-            x, y = ds.images[val], ds.masks[val]
-            logits, logits_tta = train.predict_logits(model, x), train.predict_logits(model, x, tta=True)
-            np.savez_compressed(tmp / "oof.npz", ids=ds.ids[val], logits=logits.astype(np.float16),
-                                logits_tta=logits_tta.astype(np.float16))
+            scores = train.write_oof(tmp, ["model.keras"], ds.ids[val], ds.images[val], ds.masks[val])
             io.write_json(tmp / "recipe.json", train.recipe({k: cfg[k] for k in train.TRAIN_KEYS}))
             io.write_json(tmp / "split.json", train.split_record(ds.ids, split, fold))
             io.write_json(tmp / "timing.json", {"seconds": seconds})
-            score_tta = metric.competition_score(y, logits_tta > 0)
             io.write_json(tmp / "done.json", {
-                "fold": fold, "n_train": n_train, "n_val": int(len(val)),
-                "val_score": metric.competition_score(y, logits > 0), "val_score_tta": score_tta,
-                "models": ["model.keras"], "member_scores_tta": {"model.keras": score_tta},
+                "fold": fold, "n_train": n_train, "n_val": int(len(val)), **scores, "models": ["model.keras"],
                 "epochs": int(epochs), "seconds": round(float(seconds), 1),
                 "train_images_per_s": round(n_train * epochs / max(seconds, 1e-9), 2),
                 # the commit checked out here: the bundle can be found there should it leave models/ later

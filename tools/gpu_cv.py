@@ -383,9 +383,7 @@ def unpack(args) -> None:
     its fold folder as ``salt train`` would. A job that did not finish (its last finished stage)
     goes to ``fold<k>-stage<i>`` with its scores but without the fold records, so ``salt run
     --resume`` does not take it for a finished fold; ``scores.json`` marks it ``partial``."""
-    import keras
-
-    from saltlib import data, metric, train
+    from saltlib import data, train
 
     cfg, tcfg, split_seed = _config(args.params, 0)
     ds = data.load_train(args.data_dir)
@@ -406,15 +404,10 @@ def unpack(args) -> None:
         dest = out / f"s{seed}" / (f"fold{fold}-stage{finished}" if partial else f"fold{fold}")
         dest.mkdir(parents=True, exist_ok=True)
         train.save_model(model, tcfg, dest / "model.keras")
-        model = keras.saving.load_model(dest / "model.keras", compile=False)  # score what is saved
         val = np.flatnonzero(folds == fold)
-        logits = train.predict_logits(model, ds.images[val])
-        logits_tta = train.predict_logits(model, ds.images[val], tta=True)
-        np.savez_compressed(dest / "oof.npz", ids=ds.ids[val], logits=logits.astype(np.float16),
-                            logits_tta=logits_tta.astype(np.float16))
+        scores = train.write_oof(dest, ["model.keras"], ds.ids[val], ds.images[val], ds.masks[val])  # what is saved
         row = {"fold": fold, "seed": seed, "n_val": len(val),
-               "val_score": metric.competition_score(ds.masks[val], logits > 0),
-               "val_score_tta": metric.competition_score(ds.masks[val], logits_tta > 0)}
+               "val_score": scores["val_score"], "val_score_tta": scores["val_score_tta"]}
         if partial:
             row["partial"] = f"stage {finished} of {planned or '?'}"
         else:
