@@ -87,6 +87,70 @@ def scse_block(x, name: str, reduction: int = SCSE_REDUCTION, dtype=None):
     return layers.Add(name=f"{name}_add", dtype=dtype)([c, s])
 
 
+@keras.saving.register_keras_serializable(package="saltlib")
+class Conv2D(layers.Conv2D):
+    """A 1x1 convolution of the channel concatenation of parts that arrive at different sizes,
+    computed part by part: each part is projected by its slice of the kernel where it is, and only
+    the projection is enlarged to the output size, then the parts are summed with the bias.
+
+    ``conv(concat(enlarge(parts))) == sum(enlarge(conv_part(part)))``, as a 1x1 convolution, bilinear
+    resizing and broadcasting are all linear, channel by channel; the second form enlarges
+    ``filters`` channels per part instead of all of the part's. The training form of
+    :func:`build_resnet_unet` computes its final convolutions (``logits``, ``seg_logits``) so when they
+    see the hypercolumn or the image features (:func:`project_head` does the same for inference).
+
+    The class keeps Keras' name on purpose: weight files (``.weights.h5``, the training checkpoints)
+    address a layer by its class name and position, so checkpoints of a model built with
+    ``keras.layers.Conv2D`` here load into this one and back. The kernel has the shape the concatenated
+    form's would, ``(1, 1, sum of the parts' channels, filters)``.
+
+    Args:
+        filters: output channels.
+        modes: one per part, in channel order: ``"same"`` (already ``(B, *size, C)``), ``"resize"``
+            (``(B, h, w, C)``, enlarged bilinearly to ``size`` as ``layers.Resizing`` does) or
+            ``"spread"`` (``(B, C)`` features, the same at every pixel); at least one not ``"spread"``.
+        size: ``(H, W)`` of the output.
+        **kwargs: ``layers.Conv2D`` options (``name``, ``dtype``, initializers, ...).
+    """
+
+    def __init__(self, filters, modes, size, **kwargs):
+        kwargs.pop("kernel_size", None)
+        super().__init__(filters, 1, **kwargs)
+        self.input_spec = None  # a list of tensors, not the one map Conv2D's spec describes
+        self.modes, self.size = tuple(modes), tuple(int(v) for v in size)
+        if set(self.modes) - {"same", "resize", "spread"} or all(m == "spread" for m in self.modes):
+            raise ValueError(f"{self.name}: modes {self.modes} must be same/resize/spread, not all spread")
+
+    def build(self, input_shape):
+        if len(input_shape) != len(self.modes):
+            raise ValueError(f"{self.name}: {len(input_shape)} inputs for {len(self.modes)} modes")
+        self.part_channels = [int(shape[-1]) for shape in input_shape]
+        super().build((None, *self.size, sum(self.part_channels)))
+        self.input_spec = None
+
+    def compute_output_shape(self, input_shape):
+        first = input_shape[0] if isinstance(input_shape[0], (list, tuple)) else input_shape  # parts, or the
+        return (first[0], *self.size, self.filters)  # concatenation Conv2D.build asks about
+
+    def call(self, inputs):
+        ops = keras.ops
+        out, start = None, 0
+        for x, mode, c in zip(inputs, self.modes, self.part_channels):
+            y = ops.matmul(x, ops.cast(self.kernel[0, 0, start:start + c, :], x.dtype))
+            start += c
+            if mode == "resize":
+                y = ops.image.resize(y, self.size, interpolation="bilinear")
+            elif mode == "spread":
+                y = y[:, None, None, :]
+            out = y if out is None else out + y
+        if self.use_bias:
+            out = out + ops.cast(self.bias, out.dtype)
+        return ops.broadcast_to(out, (ops.shape(out)[0], *self.size, self.filters))
+
+    def get_config(self):
+        return {**super().get_config(), "modes": list(self.modes), "size": list(self.size)}
+
+
 def _level(x, filters, blocks, name, dtype):
     x = layers.Conv2D(filters, 3, padding="same", name=f"{name}_conv", dtype=dtype)(x)
     for b in range(blocks):
@@ -130,8 +194,10 @@ def build_resnet_unet(
             the fused logits (the inference output), channel 1 ``seg_logits`` (a 1x1 convolution of
             the decoder's features alone, for deep supervision on images with salt) and channel 2
             the image logit repeated over the pixels. The inference form (False) has the same
-            layers less those two heads (``seg_logits``, ``image_logit``), so weights carry over
-            by layer name.
+            layers with weights less those two heads (``seg_logits``, ``image_logit``), so weights
+            carry over by layer name; the training form computes its final convolutions part by
+            part (:class:`Conv2D`: the same function, with the hypercolumn about 1.2x faster to
+            train), so it lacks the inference form's resizing and concatenation layers.
         upscale: integer factor k: a bilinear ``upscale`` layer enlarges the input to
             ``(k*H, k*W)``, the U-Net (and its head) run at that size, and a ``downscale`` layer
             averages the output over k x k blocks back to ``(H, W)``. 1: no resizing layers.
@@ -193,8 +259,10 @@ def build_resnet_unet(
         if scse:
             x = scse_block(x, f"dec{i + 1}_scse", dtype=dt)
         decoded.append(x)
+    parts, modes = [x], ["same"]  # what the final convolutions see, in channel order
     if hypercolumn and depth > 1:
         finest, *coarser = reversed(decoded)  # dec1, then dec2, dec3, ...
+        parts, modes = [finest, *coarser], ["same"] + ["resize"] * len(coarser)
         enlarged = [
             layers.Resizing(*finest.shape[1:3], interpolation="bilinear", name=f"hyper{i + 2}_resize", dtype=dt)(d)
             for i, d in enumerate(coarser)
@@ -206,13 +274,17 @@ def build_resnet_unet(
     image = layers.GlobalAveragePooling2D(name="image_pool", dtype=dt)(bottleneck)
     image = layers.Dense(IMAGE_FEATURES, activation="relu", name="image_fc", dtype=dt)(image)
     image_logit = layers.Dense(1, name="image_logit", dtype="float32")(image)
-    spread = layers.Reshape((1, 1, IMAGE_FEATURES), name="image_reshape", dtype=dt)(image)
-    spread = layers.UpSampling2D((h, w), name="image_spread", dtype=dt)(spread)
-    fused = layers.Concatenate(name="fuse_concat", dtype=dt)([x, spread])
-    logits = layers.Conv2D(1, 1, name="logits", dtype="float32")(fused)
     if not aux_outputs:
+        spread = layers.Reshape((1, 1, IMAGE_FEATURES), name="image_reshape", dtype=dt)(image)
+        spread = layers.UpSampling2D((h, w), name="image_spread", dtype=dt)(spread)
+        fused = layers.Concatenate(name="fuse_concat", dtype=dt)([x, spread])
+        logits = layers.Conv2D(1, 1, name="logits", dtype="float32")(fused)
         return keras.Model(inputs, _downscale(_crop(logits, crop), upscale), name=name)
-    seg_logits = layers.Conv2D(1, 1, name="seg_logits", dtype="float32")(x)
+    # the training form: the same function, each final convolution computed part by part before any
+    # enlargement (Conv2D above; about 1.2x faster training with the hypercolumn)
+    size = parts[0].shape[1:3]
+    logits = Conv2D(1, [*modes, "spread"], size, name="logits", dtype="float32")([*parts, image])
+    seg_logits = Conv2D(1, modes, size, name="seg_logits", dtype="float32")(parts)
     image_map = layers.Reshape((1, 1, 1), name="image_logit_reshape", dtype="float32")(image_logit)
     image_map = layers.UpSampling2D((h, w), name="image_logit_spread", dtype="float32")(image_map)
     outputs = layers.Concatenate(name="heads", dtype="float32")([logits, seg_logits, image_map])

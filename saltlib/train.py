@@ -179,7 +179,8 @@ def save_model(model, cfg: dict, path) -> Path:
     """
     clean = build_model(cfg, for_inference=True)
     for layer in clean.layers:
-        layer.set_weights(model.get_layer(layer.name).get_weights())
+        if layer.weights:  # the layers without weights (resizing, concatenations) differ between the forms
+            layer.set_weights(model.get_layer(layer.name).get_weights())
     with io.atomic_path(path) as tmp:
         clean.save(tmp)
     return Path(path)
@@ -383,6 +384,12 @@ def _callbacks_module():
     return ValScore, StopOnNaN, History, AtomicBackupAndRestore
 
 
+def _has_hypercolumn(model) -> bool:
+    """Whether ``model``'s final convolution sees the hypercolumn: the inference form's
+    concatenation layer, or the training form's part-by-part convolution (:class:`saltlib.model.Conv2D`)."""
+    return any(layer.name == "hypercolumn" or "resize" in getattr(layer, "modes", ()) for layer in model.layers)
+
+
 def init_weights(model, source) -> dict:
     """Copy the weights of a saved model into ``model``, layer by layer by name (fine-tuning).
 
@@ -417,10 +424,9 @@ def init_weights(model, source) -> dict:
 
     src = keras.saving.load_model(source, compile=False, safe_mode=True)
     src_layers = {layer.name: layer for layer in src.layers}
-    names = {layer.name for layer in model.layers}
     # the hypercolumn added: its coarser levels' channels sit between the finest level's and the image's
-    hyper = "hypercolumn" in names and "hypercolumn" not in src_layers
-    finest = model.get_layer("hypercolumn").input[0].shape[-1] if hyper else None
+    hyper = _has_hypercolumn(model) and not _has_hypercolumn(src)
+    finest = model.get_layer("dec1_conv").filters if hyper else None
     copied, fresh, grown = [], [], []
     for layer in model.layers:
         if not layer.weights:

@@ -135,7 +135,8 @@ def test_empty_head_shapes_and_layers(size):
     names = {layer.name for layer in infer.layers}
     assert {"image_pool", "image_fc", "fuse_concat"} <= names
     assert not {"seg_logits", "image_logit"} & names  # training outputs only
-    assert names <= {layer.name for layer in train_form.layers}  # weights carry over by name
+    weighted = {layer.name for layer in infer.layers if layer.weights}
+    assert weighted <= {layer.name for layer in train_form.layers}  # weights carry over by name
 
 
 def test_empty_head_image_features_reach_every_pixel():
@@ -298,7 +299,7 @@ def test_scse_hypercolumn_train_form_saving_and_gradients(policy, tmp_path):
     train_form = build_resnet_unet(**kw, aux_outputs=True, dtype_policy=policy)
     assert train_form.output_shape == (None, 101, 101, 3)
     infer = build_resnet_unet(**kw, dtype_policy=policy)
-    assert {layer.name for layer in infer.layers} <= {layer.name for layer in train_form.layers}
+    assert {layer.name for layer in infer.layers if layer.weights} <= {layer.name for layer in train_form.layers}
     x = images(4, seed=5)
     train_form.compile(optimizer="adam", loss="mse")
     before = [np.asarray(w).copy() for w in train_form.get_layer("dec2_scse_sse_conv").get_weights()]
@@ -404,3 +405,71 @@ def test_project_head_of_a_saved_model(tmp_path):
     x = images(2, seed=4)
     want = np.asarray(model(x))
     np.testing.assert_allclose(np.asarray(project_head(loaded)(x)), want, atol=2e-5 * np.abs(want).max(), rtol=0)
+
+
+# --------------------------------------------------------------------------- the training form's final convolutions
+def _concatenated_training_form(**kw):
+    """The training form as it was built before its final convolutions went part by part: the
+    inference form's graph (hypercolumn and image features enlarged and concatenated) plus the two
+    training heads, as plain ``keras.layers.Conv2D``: the reference."""
+    from keras import layers
+
+    infer = build_resnet_unet(**kw)
+    fused = infer.get_layer("fuse_concat")
+    x = fused.input[0]
+    logits = infer.get_layer("logits").output
+    image_logit = layers.Dense(1, name="image_logit", dtype="float32")(infer.get_layer("image_fc").output)
+    seg_logits = layers.Conv2D(1, 1, name="seg_logits", dtype="float32")(x)
+    image_map = layers.Reshape((1, 1, 1), dtype="float32")(image_logit)
+    image_map = layers.UpSampling2D(logits.shape[1:3], dtype="float32")(image_map)
+    out = layers.Concatenate(dtype="float32")([logits, seg_logits, image_map])
+    if "crop" in {layer.name for layer in infer.layers}:
+        out = layers.Cropping2D(infer.get_layer("crop").cropping, dtype="float32")(out)
+    return keras.Model(infer.inputs, out)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(hypercolumn=True, scse=True),
+    dict(hypercolumn=True),
+    dict(),  # the image features alone are projected
+    dict(hypercolumn=True, pad_to=112),
+])
+def test_training_form_convolves_part_by_part_as_the_concatenation_does(kw, tmp_path):
+    """The training form's ``logits`` and ``seg_logits`` (:class:`saltlib.model.Conv2D`, part by part)
+    compute what the concatenated form computes (float32, random weights everywhere), and the two
+    forms' weight files (the training checkpoints) load into each other."""
+    kw = dict(base_filters=3, depth=3, blocks_per_level=1, dropout=0.1, empty_head=True, **kw)
+    reference = _concatenated_training_form(**kw)
+    rng = np.random.default_rng(1)
+    reference.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(np.float32) if "variance" in w.path
+                           else rng.normal(0, 0.3, w.shape).astype(np.float32) for w in reference.weights])
+    part_by_part = build_resnet_unet(**kw, aux_outputs=True)
+    assert type(part_by_part.get_layer("logits")).__module__ == "saltlib.model"
+    reference.save_weights(tmp_path / "a.weights.h5")
+    part_by_part.load_weights(tmp_path / "a.weights.h5")
+    x = images(3, seed=2)
+    want = np.asarray(reference(x, training=False))
+    np.testing.assert_allclose(np.asarray(part_by_part(x, training=False)), want, atol=1e-5 * np.abs(want).max())
+    part_by_part.save_weights(tmp_path / "b.weights.h5")
+    back = _concatenated_training_form(**kw)
+    back.load_weights(tmp_path / "b.weights.h5")
+    np.testing.assert_array_equal(np.asarray(back(x, training=False)), want)
+
+
+def test_part_by_part_conv2d_checks_and_config():
+    from saltlib.model import Conv2D
+
+    with pytest.raises(ValueError, match="not all spread"):
+        Conv2D(1, ["spread"], (5, 5))
+    with pytest.raises(ValueError, match="same/resize/spread"):
+        Conv2D(1, ["same", "nearest"], (5, 5))
+    layer = Conv2D(2, ["same", "resize", "spread"], (6, 6), name="c")
+    parts = [np.ones((1, 6, 6, 2), np.float32), np.ones((1, 3, 3, 4), np.float32), np.ones((1, 5), np.float32)]
+    out = np.asarray(layer(parts))
+    assert out.shape == (1, 6, 6, 2) and layer.kernel.shape == (1, 1, 11, 2)
+    # constant inputs: every pixel is the kernel's column sums plus the bias
+    np.testing.assert_allclose(out[0, 3, 3], np.asarray(layer.kernel)[0, 0].sum(0) + np.asarray(layer.bias), rtol=1e-5)
+    again = Conv2D.from_config(layer.get_config())
+    assert (again.modes, again.size, again.filters) == (("same", "resize", "spread"), (6, 6), 2)
+    with pytest.raises(ValueError, match="2 inputs for 3 modes"):
+        Conv2D(1, ["same", "resize", "spread"], (6, 6))(parts[:2])

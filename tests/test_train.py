@@ -617,6 +617,10 @@ def test_build_model_passes_scse_and_hypercolumn():
     plain = {layer.name for layer in train.build_model(cfg).layers}
     assert not {"hypercolumn", "dec1_scse_add"} & plain
     for for_inference in (False, True):
-        names = {layer.name for layer in train.build_model({**cfg, "scse": True, "hypercolumn": True},
-                                                            for_inference=for_inference).layers}
-        assert {"hypercolumn", "hyper2_resize", "dec1_scse_add", "dec2_scse_add"} <= names
+        model = train.build_model({**cfg, "scse": True, "hypercolumn": True}, for_inference=for_inference)
+        names = {layer.name for layer in model.layers}
+        assert {"dec1_scse_add", "dec2_scse_add"} <= names and train._has_hypercolumn(model)
+        # the inference form enlarges and concatenates; the training form convolves part by part
+        assert {"hypercolumn", "hyper2_resize"} <= names if for_inference else not {"hypercolumn"} & names
+        assert model.get_layer("logits").kernel.shape == (1, 1, 2 + 4 + 16, 1)  # dec1, dec2, image features
+    assert not train._has_hypercolumn(train.build_model(cfg))
