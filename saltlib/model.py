@@ -145,7 +145,7 @@ class Conv2D(layers.Conv2D):
             out = y if out is None else out + y
         if self.use_bias:
             out = out + ops.cast(self.bias, out.dtype)
-        return ops.broadcast_to(out, (ops.shape(out)[0], *self.size, self.filters))
+        return out  # (B, *size, filters): a part not "spread" has the full size, the sums broadcast
 
     def get_config(self):
         return {**super().get_config(), "modes": list(self.modes), "size": list(self.size)}
@@ -260,14 +260,17 @@ def build_resnet_unet(
             x = scse_block(x, f"dec{i + 1}_scse", dtype=dt)
         decoded.append(x)
     parts, modes = [x], ["same"]  # what the final convolutions see, in channel order
+    training_form = empty_head and aux_outputs  # convolves the parts where they are (Conv2D above)
     if hypercolumn and depth > 1:
         finest, *coarser = reversed(decoded)  # dec1, then dec2, dec3, ...
         parts, modes = [finest, *coarser], ["same"] + ["resize"] * len(coarser)
-        enlarged = [
-            layers.Resizing(*finest.shape[1:3], interpolation="bilinear", name=f"hyper{i + 2}_resize", dtype=dt)(d)
-            for i, d in enumerate(coarser)
-        ]
-        x = layers.Concatenate(name="hypercolumn", dtype=dt)([finest, *enlarged])
+        if not training_form:
+            enlarged = [
+                layers.Resizing(*finest.shape[1:3], interpolation="bilinear", name=f"hyper{i + 2}_resize",
+                                dtype=dt)(d)
+                for i, d in enumerate(coarser)
+            ]
+            x = layers.Concatenate(name="hypercolumn", dtype=dt)([finest, *enlarged])
     if not empty_head:
         outputs = layers.Conv2D(1, 1, name="logits", dtype="float32")(x)
         return keras.Model(inputs, _downscale(_crop(outputs, crop), upscale), name=name)
