@@ -343,6 +343,21 @@ def _callbacks_module():
             rows = pd.concat([rows, pd.DataFrame([row])], ignore_index=True)
             io.write_text(self.path, rows.to_csv(index=False))
 
+    class Timing(keras.callbacks.Callback):
+        """Adds the stage's training time to ``timing.json`` at every epoch's end, so that a run
+        killed without warning (SIGKILL, a machine taken away) keeps the seconds of the epochs it
+        finished. ``total()`` is the time so far: the seconds recorded before plus this stage's."""
+
+        def __init__(self, path, seconds_before):
+            super().__init__()
+            self.path, self.before, self.start = Path(path), float(seconds_before), time.time()
+
+        def total(self) -> float:
+            return self.before + time.time() - self.start
+
+        def on_epoch_end(self, epoch, logs=None):
+            io.write_json(self.path, {"seconds": self.total()})
+
     class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         """``BackupAndRestore`` whose checkpoint is written so that a kill at any moment leaves a
         consistent one behind.
@@ -381,7 +396,7 @@ def _callbacks_module():
                     self._weights_path = str(Path(self.backup_dir) / name)
             super()._load_model()
 
-    return ValScore, StopOnNaN, History, AtomicBackupAndRestore
+    return ValScore, StopOnNaN, History, AtomicBackupAndRestore, Timing
 
 
 def _has_hypercolumn(model) -> bool:
@@ -561,7 +576,7 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
     replicas = strategy.num_replicas_in_sync
     global_batch = cfg["batch_size"] * replicas
     steps = math.ceil(len(train_idx) / global_batch)
-    ValScore, StopOnNaN, History, Backup = _callbacks_module()
+    ValScore, StopOnNaN, History, Backup, Timing = _callbacks_module()
     timing_path = fold_dir / "timing.json"
     seconds = json.loads(timing_path.read_text())["seconds"] if timing_path.exists() else 0.0
 
@@ -630,7 +645,7 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
         # fit(): a later stage of the same process would start at that epoch with a fresh
         # optimizer (fewer epochs, and a cosine schedule that never decays). Clear it per stage.
         model._initial_epoch = None
-        start = time.time()
+        timer = Timing(timing_path, seconds)
         try:
             model.fit(
                 ds,
@@ -643,12 +658,13 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
                 callbacks=[
                     StopOnNaN(),
                     ValScore(x_va, y_va, cfg["val_every"], s),
+                    timer,
                     History(fold_dir / "history.csv", s),
                     backup,
                 ],
             )
         finally:
-            seconds += time.time() - start
+            seconds = timer.total()
             io.write_json(timing_path, {"seconds": seconds})
         with io.atomic_path(stage_path) as tmp:
             model.save_weights(tmp)

@@ -467,6 +467,12 @@ def test_killed_training_resumes_from_last_epoch(synthetic24, tmp_path):
     assert 2 <= done_before < RESUME_EPOCHS, "killed mid-run"
     assert not (fold_dir / "done.json").exists() and not (fold_dir / "model.keras").exists()
     assert (fold_dir / "stage1.weights.h5").exists() and (fold_dir / "backup2").is_dir()
+    # the killed process kept the time of the stage-2 epochs it finished (timing.json is written at
+    # every epoch's end, before the history row): at least the time from stage 1's row to the last
+    # stage-2 row, on top of stage 1's own seconds
+    seconds_killed = json.loads((fold_dir / "timing.json").read_text())["seconds"]
+    stage2_span = h.loc[h["stage"] == 2, "time"].max() - h.loc[h["stage"] == 1, "time"].max()
+    assert seconds_killed >= stage2_span > 0
 
     second = subprocess.run(_train_cmd(params, out), capture_output=True, text=True, timeout=400,
                             env=subprocess_env(), cwd=ROOT)
@@ -495,6 +501,7 @@ def test_killed_training_resumes_from_last_epoch(synthetic24, tmp_path):
     assert not (fold_dir / "backup2").exists()
     summary = json.loads((fold_dir / "done.json").read_text())
     assert summary["epochs"] == 1 + RESUME_EPOCHS + 2
+    assert summary["seconds"] > seconds_killed  # the resumed run adds its time to the killed one's
 
     # the resumed epochs trained on the batches an uninterrupted run trains on (the data stream
     # starts at the restored epoch), so its losses match epoch for epoch
