@@ -220,6 +220,7 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
                if r["fold"] in fold_diff else "")
             + (_finetune_sentence(finetuned[r["fold"]]) if r["fold"] in finetuned else "")
             + (_restored_sentence(r["restored_from"]) if r.get("restored_from") else "")
+            + (f"; training time {r['seconds_note']}" if r.get("seconds_note") else "")
         )
     cpu_s = sum(r.get("seconds", 0) for r in fold_rows if not r.get("hardware"))
     other = [r for r in fold_rows if r.get("hardware")]

@@ -92,6 +92,20 @@ def test_card_names_the_hardware_of_a_fold_trained_elsewhere(smoke_ok, tmp_path)
     assert "Fold(s) [0]: 2.0 min of training" in hardware
 
 
+def test_card_states_a_corrected_training_time(smoke_ok, tmp_path):
+    """A fold whose done.json carries ``seconds_note`` (a training time corrected by hand, and why):
+    the card prints the corrected time with the note on that fold's line, and no note elsewhere."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_ok.run_dir, run)
+    done_path = run / "models" / "fold0" / "done.json"
+    note = "from history.csv's epoch times (timing.json lost 22 epochs)"
+    done_path.write_text(json.dumps({**json.loads(done_path.read_text()), "seconds": 7200.0, "seconds_note": note}))
+    card = (ship.ship(run, "noted", models_dir=tmp_path / "models") / "MODEL_CARD.md").read_text()
+    lines = {l[:8]: l for l in card.splitlines() if l.startswith("- fold ")}
+    assert "2.00 h" in lines["- fold 0"] and lines["- fold 0"].endswith(f"; training time {note}")
+    assert "training time from" not in lines["- fold 1"]
+
+
 def test_card_names_a_fine_tuned_fold_and_its_command(smoke_ok, tmp_path):
     """A fold fine-tuned from a shipped model (tools/pseudo_label.py writes init.json and
     finetune.json): its line says where it started and on how many pseudo-labels, and the
