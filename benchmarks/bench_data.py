@@ -57,7 +57,7 @@ def main() -> None:
     rows.append((f"sweep_thresholds, {n} masks x 50 cut-offs (first / best of 3)",
                  f"{t_first:.2f} s / {t_sweep:.2f} s", "< 2 s"))
     t_sizes, _ = timed(lambda: metric.sweep_thresholds(truth, logits, np.linspace(-4, 4, 50), (0, 10, 25, 50, 100, 200)))
-    rows.append((f"  ... and 6 small-mask sizes", f"{t_sizes:.2f} s", ""))
+    rows.append(("  ... and 6 small-mask sizes", f"{t_sizes:.2f} s", ""))
     t_one, _ = timed(lambda: metric.competition_score(truth, logits > 0))
     rows.append((f"competition_score, {n} masks, one cut-off", f"{t_one:.3f} s", ""))
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 
-import keras
 from keras import ops
 
 

@@ -243,7 +243,7 @@ def model_card(run_dir, name: str, benchmark: str | None = None) -> str:
         "## Reproduce",
         "",
         "```bash",
-        f"make setup",
+        "make setup",
         *_train_commands(name, [r["fold"] for r in fold_rows if r["fold"] not in finetuned], fold_diff),
         *[f"{v['command']}   # fold {f}: fine-tuning (its --out holds fold{f}/; copy it to papermill_runs/{name}/models)"
           for f, v in sorted(finetuned.items()) if v.get("command")],

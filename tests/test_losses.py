@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import keras
 import tensorflow as tf
 
 from saltlib import losses  # noqa: E402
