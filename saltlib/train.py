@@ -346,17 +346,20 @@ def _callbacks_module():
     class Timing(keras.callbacks.Callback):
         """Adds the stage's training time to ``timing.json`` at every epoch's end, so that a run
         killed without warning (SIGKILL, a machine taken away) keeps the seconds of the epochs it
-        finished. ``total()`` is the time so far: the seconds recorded before plus this stage's."""
+        finished. ``total()`` is the time so far: the seconds recorded before plus this stage's.
+        ``stage_end`` (stage number as a string -> seconds when its weights were saved) is written
+        along: tools/park_fold.py carries a fold's time at its last finished stage from it."""
 
-        def __init__(self, path, seconds_before):
+        def __init__(self, path, seconds_before, stage_end):
             super().__init__()
             self.path, self.before, self.start = Path(path), float(seconds_before), time.time()
+            self.stage_end = stage_end
 
         def total(self) -> float:
             return self.before + time.time() - self.start
 
         def on_epoch_end(self, epoch, logs=None):
-            io.write_json(self.path, {"seconds": self.total()})
+            io.write_json(self.path, {"seconds": self.total(), "stage_end": self.stage_end})
 
     class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         """``BackupAndRestore`` whose checkpoint is written so that a kill at any moment leaves a
@@ -578,7 +581,8 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
     steps = math.ceil(len(train_idx) / global_batch)
     ValScore, StopOnNaN, History, Backup, Timing = _callbacks_module()
     timing_path = fold_dir / "timing.json"
-    seconds = json.loads(timing_path.read_text())["seconds"] if timing_path.exists() else 0.0
+    timing = io.read_json(timing_path) if timing_path.exists() else {}
+    seconds, stage_end = float(timing.get("seconds", 0.0)), dict(timing.get("stage_end", {}))
 
     from . import hardware
 
@@ -645,7 +649,7 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
         # fit(): a later stage of the same process would start at that epoch with a fresh
         # optimizer (fewer epochs, and a cosine schedule that never decays). Clear it per stage.
         model._initial_epoch = None
-        timer = Timing(timing_path, seconds)
+        timer = Timing(timing_path, seconds, stage_end)
         try:
             model.fit(
                 ds,
@@ -665,9 +669,11 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
             )
         finally:
             seconds = timer.total()
-            io.write_json(timing_path, {"seconds": seconds})
+            io.write_json(timing_path, {"seconds": seconds, "stage_end": stage_end})
         with io.atomic_path(stage_path) as tmp:
             model.save_weights(tmp)
+        stage_end[str(s)] = seconds
+        io.write_json(timing_path, {"seconds": seconds, "stage_end": stage_end})
         shutil.rmtree(fold_dir / f"backup{s}", ignore_errors=True)
 
     # the fold's ensemble: the final model and any snapshots, saved for inference; out-of-fold

@@ -74,7 +74,13 @@ def test_park_carries_the_last_stage_and_records(finished, tmp_path, capsys):
     record = json.loads((parked / "park.json").read_text())
     assert (record["fold"], record["stage"], record["stages"]) == (1, 2, 3)
     assert (record["epochs_done"], record["epochs_total"]) == (2, 3)
-    assert record["seconds"] == json.loads((fold / "timing.json").read_text())["seconds"]
+    # the time when stage 2's weights were saved, not the stopped fold's total (stage 3 ran since)
+    timing = json.loads((fold / "timing.json").read_text())
+    assert sorted(timing["stage_end"]) == ["1", "2", "3"]
+    assert 0 < timing["stage_end"]["1"] < timing["stage_end"]["2"] < timing["seconds"]
+    assert record["seconds"] == timing["stage_end"]["2"]
+    assert json.loads((parked / "timing.json").read_text()) == {
+        "seconds": timing["stage_end"]["2"], "stage_end": {k: timing["stage_end"][k] for k in ("1", "2")}}
     assert record["files"] == {n: _sha256(parked / n) for n in record["files"]}
     assert _sha256(parked / "stage2.weights.h5") == _sha256(fold / "stage2.weights.h5")
     assert pd.read_csv(fold / "history.csv")["stage"].tolist() == [1, 2, 3]
@@ -82,6 +88,17 @@ def test_park_carries_the_last_stage_and_records(finished, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "parked fold 1 at stage 2 of 3 (2 of 3 epochs)" in out and "not carried: backup3" in out
     assert not [p for p in parked.parent.iterdir() if p.name.startswith(".")]  # no hidden folder left
+
+
+def test_park_carries_a_timing_file_without_stage_ends_as_it_is(finished, tmp_path):
+    """timing.json written before it recorded ``stage_end`` (only ``seconds``, updated when a
+    stage's fit ended): parked unchanged."""
+    tool = load_tool("park_fold")
+    fold = _stopped_after_stage2(finished, tmp_path / "run")
+    (fold / "timing.json").write_text('{"seconds": 123.5}')
+    parked = tool.park(fold, tmp_path / "checkpoints")
+    assert json.loads((parked / "timing.json").read_text()) == {"seconds": 123.5}
+    assert json.loads((parked / "park.json").read_text())["seconds"] == 123.5
 
 
 def test_unparked_fold_finishes_as_one_that_kept_every_stage(finished, dataset, tmp_path):

@@ -502,6 +502,9 @@ def test_killed_training_resumes_from_last_epoch(synthetic24, tmp_path):
     summary = json.loads((fold_dir / "done.json").read_text())
     assert summary["epochs"] == 1 + RESUME_EPOCHS + 2
     assert summary["seconds"] > seconds_killed  # the resumed run adds its time to the killed one's
+    ends = json.loads((fold_dir / "timing.json").read_text())["stage_end"]
+    assert sorted(ends) == ["1", "2", "3"] and ends["1"] < seconds_killed < ends["2"] < ends["3"]
+    assert ends["3"] == pytest.approx(summary["seconds"], abs=0.1)
 
     # the resumed epochs trained on the batches an uninterrupted run trains on (the data stream
     # starts at the restored epoch), so its losses match epoch for epoch

@@ -25,8 +25,10 @@ stage); only dropout's random stream differs. Earlier stages' weights go too whe
 each file's SHA-256, the stage reached, the training seconds so far, the git commit and the
 machine; ``unpark`` checks the digests. Epochs of a stage in progress (``backup<i>/``) are not
 carried: park after a stage ends (a fold that went on training meanwhile can be parked at its
-last finished stage, as long as its ``timing.json`` has not yet counted the new stage's time:
-the file is updated when a stage's ``fit`` ends or is interrupted). A finished fold
+last finished stage: ``timing.json``'s ``stage_end`` gives the training seconds when that stage's
+weights were saved, and the parked copy carries those; a file written before ``stage_end`` existed,
+by a process that updated it only when a stage's ``fit`` ended or was interrupted, is carried as it
+is). A finished fold
 (``done.json``) is not parked: its model ships, and ``tools/fold_from_bundle.py`` brings a
 shipped fold back. Neither command overwrites anything; each writes beside its destination and
 renames at the end.
@@ -92,6 +94,9 @@ def park(fold_dir, dest_root, also_stages=()) -> Path:
         raise SystemExit(f"{dest} exists; park into another folder or remove it first")
     names = [n for n in RECORDS if (fold_dir / n).is_file()] + weights
     timing = json.loads((fold_dir / "timing.json").read_text()) if (fold_dir / "timing.json").is_file() else {}
+    if str(last) in timing.get("stage_end", {}):  # the time at the stage carried, not the one in progress
+        ends = {k: v for k, v in timing["stage_end"].items() if int(k) <= last}
+        timing = {"seconds": ends[str(last)], "stage_end": ends}
     epochs = sum(int(st["epochs"]) for st in recipe["stages"][:last])
     in_progress = sorted(p.name for p in fold_dir.glob("backup*") if p.is_dir())
 
@@ -120,6 +125,8 @@ def park(fold_dir, dest_root, also_stages=()) -> Path:
                 if n == "history.csv":  # the rows of the stages carried (not those of one in progress)
                     rows = pd.read_csv(fold_dir / n)
                     rows[rows["stage"] <= last].to_csv(tmp / n, index=False)
+                elif n == "timing.json":
+                    io.write_json(tmp / n, timing)
                 else:
                     shutil.copy2(fold_dir / n, tmp / n)
             record["files"] = {n: _sha256(tmp / n) for n in names}
