@@ -17,7 +17,8 @@ and, on the next machine, ``unpark`` puts it back as a fold folder that ``salt t
 What is carried: ``recipe.json`` and ``split.json`` (so the resume is checked against the same
 recipe and images), ``timing.json`` and ``history.csv`` (cut to the stages carried: the training
 time and learning curve go on), ``init.json`` for a fine-tuned fold, and the weights of the last
-finished stage (``stage<i>.weights.h5``, float32 as training keeps them; ``salt train`` takes the
+finished stage (``stage<i>.weights.h5``, float32 as training keeps them, without the optimizer state
+that ``save_weights`` stores beside them and no stage reads; ``salt train`` takes the
 last stage whose weights are there as the end of every stage before it). The stages still to come
 see the same augmented batches as in an uninterrupted run (their data streams are seeded per
 stage); only dropout's random stream differs. Earlier stages' weights go too where
@@ -94,11 +95,14 @@ def park(fold_dir, dest_root, also_stages=()) -> Path:
         raise SystemExit(f"{dest} exists; park into another folder or remove it first")
     names = [n for n in RECORDS if (fold_dir / n).is_file()] + weights
     timing = json.loads((fold_dir / "timing.json").read_text()) if (fold_dir / "timing.json").is_file() else {}
+    in_progress = sorted(p.name for p in fold_dir.glob("backup*") if p.is_dir())
     if str(last) in timing.get("stage_end", {}):  # the time at the stage carried, not the one in progress
         ends = {k: v for k, v in timing["stage_end"].items() if int(k) <= last}
         timing = {"seconds": ends[str(last)], "stage_end": ends}
+    elif timing and in_progress:
+        print(f"note: {fold_dir / 'timing.json'} has no stage_end for stage {last}; its seconds"
+              f" ({timing.get('seconds')}) may include time of the stage in progress ({', '.join(in_progress)})")
     epochs = sum(int(st["epochs"]) for st in recipe["stages"][:last])
-    in_progress = sorted(p.name for p in fold_dir.glob("backup*") if p.is_dir())
 
     import pandas as pd
 
@@ -121,8 +125,11 @@ def park(fold_dir, dest_root, also_stages=()) -> Path:
 
     try:
         with io.atomic_dir(dest, "park into another folder") as tmp:
+            before = {n: _sha256(fold_dir / n) for n in weights}
             for n in names:
-                if n == "history.csv":  # the rows of the stages carried (not those of one in progress)
+                if n in weights:
+                    _copy_without_optimizer(fold_dir / n, tmp / n)
+                elif n == "history.csv":  # the rows of the stages carried (not those of one in progress)
                     rows = pd.read_csv(fold_dir / n)
                     rows[rows["stage"] <= last].to_csv(tmp / n, index=False)
                 elif n == "timing.json":
@@ -130,7 +137,7 @@ def park(fold_dir, dest_root, also_stages=()) -> Path:
                 else:
                     shutil.copy2(fold_dir / n, tmp / n)
             record["files"] = {n: _sha256(tmp / n) for n in names}
-            if any(_sha256(fold_dir / n) != record["files"][n] for n in weights):
+            if any(_sha256(fold_dir / n) != before[n] for n in weights):
                 raise SystemExit(f"{fold_dir}: a weights file changed while it was copied")
             io.write_json(tmp / "park.json", record)
     except FileExistsError as e:
@@ -141,6 +148,21 @@ def park(fold_dir, dest_root, also_stages=()) -> Path:
     if in_progress:
         print(f"not carried: {', '.join(in_progress)} (epochs of the stage in progress; they are trained again)")
     return dest
+
+
+def _copy_without_optimizer(src: Path, dst: Path) -> None:
+    """Copy a Keras weights file (HDF5) without its ``optimizer`` group: ``model.save_weights`` of a
+    compiled model stores Adam's two moments beside the weights (a 5.1M-parameter model: 20.5 MB of
+    weights, 41 MB of optimizer state), and no stage reads them, as each starts a fresh optimizer.
+    Loading the copy gives the same model weights."""
+    import h5py
+
+    with h5py.File(src, "r") as s, h5py.File(dst, "w") as d:
+        for key, value in s.attrs.items():
+            d.attrs[key] = value
+        for key in s:
+            if key != "optimizer":
+                s.copy(s[key], d, name=key)
 
 
 def unpark(parked, out) -> Path:
