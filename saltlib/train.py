@@ -358,8 +358,11 @@ def _callbacks_module():
         def total(self) -> float:
             return self.before + time.time() - self.start
 
+        def write(self, seconds: float) -> None:
+            io.write_json(self.path, {"seconds": seconds, "stage_end": self.stage_end})
+
         def on_epoch_end(self, epoch, logs=None):
-            io.write_json(self.path, {"seconds": self.total(), "stage_end": self.stage_end})
+            self.write(self.total())
 
     class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         """``BackupAndRestore`` whose checkpoint is written so that a kill at any moment leaves a
@@ -669,11 +672,11 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
             )
         finally:
             seconds = timer.total()
-            io.write_json(timing_path, {"seconds": seconds, "stage_end": stage_end})
+            timer.write(seconds)
         with io.atomic_path(stage_path) as tmp:
             model.save_weights(tmp)
         stage_end[str(s)] = seconds
-        io.write_json(timing_path, {"seconds": seconds, "stage_end": stage_end})
+        timer.write(seconds)
         shutil.rmtree(fold_dir / f"backup{s}", ignore_errors=True)
 
     # the fold's ensemble: the final model and any snapshots, saved for inference; out-of-fold
