@@ -8,8 +8,9 @@ For each configuration, in its own subprocess (so peak memory is clean):
   timings of each (3 by default; on a shared 2-core VM one timing can be twice as slow as the
   next, so every timing is printed, with the machine's idle CPU share during it, and the
   projection at the slowest and the fastest too), each model as ``salt predict`` runs it (loaded by
-  ``load_bundle``, which moves the final convolution of a hypercolumn or image-head model in front
-  of its enlargements: ``saltlib.model.project_head``);
+  ``load_bundle``, which folds the batch norms that follow a convolution into it and moves the final
+  convolution of a hypercolumn or image-head model in front of its enlargements:
+  ``saltlib.model.inference_form``);
 * training images/s of one model of that shape as ``salt train`` builds it (``train_on_batch``, batch 32 by default, Adam,
   BCE + Lovász loss, synthetic images and masks), timed after warm-up steps;
 * peak resident memory (VmHWM of the process): after inference, and overall (after training);
@@ -195,7 +196,7 @@ def worker(spec: dict) -> dict:
     import numpy as np
 
     from saltlib import hardware, litert, predict, train
-    from saltlib.model import build_resnet_unet, project_head
+    from saltlib.model import build_resnet_unet, inference_form
 
     res = {"name": spec["name"], "rss_after_import_mb": round(_rss_mb()[0], 1)}
     runtime = litert.resolve_runtime(spec.get("runtime", "keras"))
@@ -211,7 +212,7 @@ def worker(spec: dict) -> dict:
         m = build_resnet_unet(
             **{k: spec[k] for k in SHAPE_KEYS}, dtype_policy="mixed_bfloat16" if spec["bf16"] else None,
         )
-        models = [project_head(m)]  # as load_bundle gives it to `salt predict`; trained below as built
+        models = [inference_form(m)]  # as load_bundle gives it to `salt predict`; trained below as built
         # TensorFlow Lite runs float32 only: a bfloat16 variant is measured with Keras
         b = predict.Bundle(models=models, tta=True, runtime="keras" if spec["bf16"] else runtime)
         res.update(

@@ -26,6 +26,7 @@ concurrent spatial and channel squeeze-and-excitation (Roy, Navab and Wachinger 
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import layers
 
 #: width of the image-level features that ``empty_head`` broadcasts to every pixel
@@ -373,7 +374,109 @@ def project_head(model) -> keras.Model:
     if start != kernel.shape[2]:
         return model  # the concatenation is not what the kernel expects: leave the model alone
     out = layers.Add(name="logits", dtype="float32")(parts) if len(parts) > 1 else parts[0]
-    return keras.Model(model.inputs, out, name=model.name)
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # one tensor, as the model takes it
+    return keras.Model(inputs, out, name=model.name)
+
+
+@keras.saving.register_keras_serializable(package="saltlib")
+class FoldedBatchNorm(layers.Layer):
+    """Stands where a ``BatchNormalization`` was whose inference affine map :func:`fold_batchnorm`
+    moved into the convolution before it: passes its input through unchanged (and takes the
+    ``training`` and ``mask`` arguments the batch norm's call had)."""
+
+    def call(self, inputs, training=None, mask=None):
+        return inputs
+
+
+def _consumers(model) -> dict:
+    """``id(tensor)`` -> number of layer calls in ``model`` that take it as an input."""
+    count = {}
+    for layer in model.layers:
+        for node in layer._inbound_nodes:
+            for t in node.input_tensors:
+                count[id(t)] = count.get(id(t), 0) + 1
+    return count
+
+
+def fold_batchnorm(model) -> keras.Model:
+    """The same function as ``model`` at inference, with every batch normalization that directly
+    follows a convolution folded into that convolution's kernel and bias: an inference speed-up.
+
+    At inference a ``BatchNormalization`` is the affine map ``x * s + (beta - mean * s)`` per
+    channel, with ``s = gamma / sqrt(moving_variance + epsilon)``; after a convolution ``conv(x) =
+    x * K + b`` it is the convolution with kernel ``K * s`` and bias ``(b - mean) * s + beta``.
+    That holds where the convolution is linear, is called once and its output feeds that batch
+    norm alone: in the ResNet-U-Net, the middle batch norm of every residual block (18 of the 45
+    of the 16-filter, depth-4, two-block model). The others follow an ``Add`` or a tensor that the
+    residual sum also takes, and stay. A mixed-bfloat16 batch norm computes in float32 between two
+    casts, so each folded one saves five passes over its map; on the 2-core AVX512-BF16 CPU the
+    shipped bundle's images/s rose by about a sixth (README, Speed).
+
+    The folded weights are computed in float32 from the stored ones and stored in the
+    convolution's variable dtype: for a model with float32 variables the logits equal ``model``'s
+    within float32 rounding; with bfloat16 variables the folded kernel is rounded to bfloat16 once
+    more, an error of the size bfloat16 computing makes anyway. Only for inference: the batch
+    norms' training behaviour (batch statistics) is gone.
+
+    Args:
+        model: a functional model (from :func:`build_resnet_unet`, loaded from its file, or
+            :func:`project_head`'s result).
+    Returns:
+        a new ``keras.Model`` with the same inputs, outputs and layer names (copies: ``model`` is
+        left as it was; each folded batch norm becomes a :class:`FoldedBatchNorm`), or ``model``
+        itself where nothing folds.
+    """
+    used = _consumers(model)
+    fold = {}  # convolution name -> the batch norm folded into it
+    for layer in model.layers:
+        if not isinstance(layer, layers.BatchNormalization) or len(layer._inbound_nodes) != 1:
+            continue
+        t = layer.input
+        conv = _producer(t)
+        if (
+            type(conv) is layers.Conv2D  # not the part-by-part Conv2D above, nor a transposed one
+            and layer.axis in (-1, len(t.shape) - 1)
+            and conv.activation.__name__ == "linear"
+            and len(conv._inbound_nodes) == 1
+            and used.get(id(t)) == 1
+        ):
+            fold[conv.name] = layer
+    if not fold:
+        return model
+    folded_bns = {bn.name for bn in fold.values()}
+
+    def clone(layer):  # a copy of every layer, so that ``model``'s layers keep their one call each
+        if layer.name in folded_bns:
+            return FoldedBatchNorm(name=layer.name, dtype=layer.dtype_policy)
+        if layer.name in fold:
+            return layers.Conv2D.from_config({**layer.get_config(), "use_bias": True})
+        return layer.__class__.from_config(layer.get_config())
+
+    out = keras.models.clone_model(model, clone_function=clone)
+    for layer in model.layers:
+        if layer.name in fold:
+            out.get_layer(layer.name).set_weights(_folded(layer, fold[layer.name]))
+        elif layer.name not in folded_bns and layer.weights:
+            out.get_layer(layer.name).set_weights(layer.get_weights())
+    return out
+
+
+def _folded(conv, bn) -> list:
+    """``[kernel, bias]`` of the convolution ``conv`` followed by the batch norm ``bn`` (inference), in float32."""
+    def f32(v):
+        return None if v is None else np.asarray(keras.ops.convert_to_numpy(v), np.float32)
+
+    kernel, bias = f32(conv.kernel), f32(conv.bias) if conv.use_bias else np.float32(0)
+    gamma, beta, mean, var = (f32(v) for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance))
+    scale = (np.float32(1) if gamma is None else gamma) / np.sqrt(var + np.float32(bn.epsilon))
+    offset = (np.float32(0) if beta is None else beta) - mean * scale
+    return [kernel * scale, (bias * scale + offset).astype(np.float32)]
+
+
+def inference_form(model) -> keras.Model:
+    """``model`` as ``salt predict`` runs it: :func:`fold_batchnorm`, then :func:`project_head`.
+    The same logits (within float32 rounding, or the bfloat16 rounding of the folded kernels)."""
+    return project_head(fold_batchnorm(model))
 
 
 class FlipEnsemble(keras.Model):

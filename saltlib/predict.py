@@ -420,10 +420,12 @@ def load_bundle(path, compute_dtype: str = "auto", members=None, runtime: str = 
     Models load with ``keras.saving.load_model(p, compile=False, safe_mode=True)`` (no arbitrary
     code, no pickle). Models stored in bfloat16 (mixed-precision recipes) compute in bfloat16
     only where the machine does so natively (:func:`saltlib.hardware.native_bfloat16`): elsewhere
-    it is emulated and slower than float32, so they are rebuilt to compute in float32. A model
-    whose final 1x1 convolution sees enlarged features (the hypercolumn, the image head) has it
-    moved in front of the enlargements (:func:`saltlib.model.project_head`: the same logits; with
-    the hypercolumn 1.6x the images/s on the 2-core AVX512-BF16 CPU).
+    it is emulated and slower than float32, so they are rebuilt to compute in float32. Each model
+    then takes its inference form (:func:`saltlib.model.inference_form`, the same logits): the
+    batch norms that follow a convolution are folded into it (:func:`saltlib.model.fold_batchnorm`),
+    and a final 1x1 convolution that sees enlarged features (the hypercolumn, the image head) is
+    moved in front of the enlargements (:func:`saltlib.model.project_head`: with the hypercolumn
+    1.6x the images/s on the 2-core AVX512-BF16 CPU).
 
     Args:
         path: the bundle folder.
@@ -461,7 +463,7 @@ def load_bundle(path, compute_dtype: str = "auto", members=None, runtime: str = 
     import keras
 
     from . import hardware
-    from .model import project_head
+    from .model import inference_form
 
     # "stored" asks for the stored compute dtype, which TensorFlow Lite may not run: "auto" keeps Keras then
     runtime = "keras" if runtime == "auto" and compute_dtype == "stored" else litert.resolve_runtime(runtime)
@@ -484,7 +486,7 @@ def load_bundle(path, compute_dtype: str = "auto", members=None, runtime: str = 
             compute_dtype == "float32" or (compute_dtype == "auto" and not hardware.native_bfloat16())
         ):
             model = _float32_twin(model)
-        models.append(project_head(model))  # the same logits, enlarging 1 channel instead of the hypercolumn's
+        models.append(inference_form(model))  # batch norms folded, final convolution in front of the enlargements
     return Bundle(
         models=models,
         threshold=float(spec["threshold"]),

@@ -407,6 +407,118 @@ def test_project_head_of_a_saved_model(tmp_path):
     np.testing.assert_allclose(np.asarray(project_head(loaded)(x)), want, atol=2e-5 * np.abs(want).max(), rtol=0)
 
 
+# --------------------------------------------------------------------------- fold_batchnorm / inference_form
+@pytest.mark.parametrize("name", list(_HEAD_KW) + ["plain"])
+def test_fold_batchnorm_gives_the_same_logits_in_float32(name):
+    """Random weights and batch-norm statistics everywhere: folding changes nothing but the
+    layers (float32 rounding only), and leaves the model it folded as it was."""
+    from saltlib.model import FoldedBatchNorm, fold_batchnorm
+
+    if name == "plain":
+        _HEAD_KW["plain"] = dict(base_filters=3, depth=3, blocks_per_level=1, dropout=0.1)
+    try:
+        model = _randomized(name, None)
+    finally:
+        _HEAD_KW.pop("plain", None) if name == "plain" else None
+    folded = fold_batchnorm(model)
+    assert folded is not model
+    kinds = {layer.name: type(layer).__name__ for layer in folded.layers}
+    assert [layer.name for layer in folded.layers] == [layer.name for layer in model.layers]
+    # depth 3, one block per level: 7 levels, each block's middle batch norm folds into its conv1;
+    # the batch norms before the block (its input also feeds the residual sum) and after it (an Add's) stay
+    mids = sorted(n for n in kinds if n.endswith("_mid_bn"))
+    assert len(mids) == 7 and all(kinds[n] == "FoldedBatchNorm" for n in mids)
+    assert [n for n, k in kinds.items() if k == "FoldedBatchNorm"] == [n for n in kinds if n.endswith("_mid_bn")]
+    assert all(kinds[n] == "BatchNormalization" for n in kinds if n.endswith(("_pre_bn", "_out_bn")))
+    assert isinstance(folded.get_layer("enc1_res1_mid_bn"), FoldedBatchNorm)
+    assert folded.get_layer("enc1_res1_conv1").use_bias
+    x = images(3, seed=5)
+    want = np.asarray(model(x, training=False))
+    assert want.std() > 0.01
+    np.testing.assert_allclose(np.asarray(folded(x, training=False)), want, atol=2e-5 * np.abs(want).max(), rtol=0)
+    # the model itself is untouched: its layers called once each, its weights and logits as before
+    assert all(len(layer._inbound_nodes) == 1 for layer in model.layers)
+    np.testing.assert_array_equal(np.asarray(model(x, training=False)), want)
+    again = fold_batchnorm(model)  # so it folds again, the same way
+    np.testing.assert_array_equal(np.asarray(again(x, training=False)), np.asarray(folded(x, training=False)))
+
+
+def test_fold_batchnorm_folds_the_arithmetic_by_hand():
+    """One convolution (1x1, 2 -> 2 channels, with bias) and its batch norm, against the formula
+    written out: ``(x K + b - mean) * gamma / sqrt(var + eps) + beta``."""
+    from saltlib.model import fold_batchnorm
+
+    inputs = keras.Input((3, 3, 2))
+    conv = keras.layers.Conv2D(2, 1, name="c")
+    bn = keras.layers.BatchNormalization(name="bn", epsilon=0.5)
+    model = keras.Model(inputs, bn(conv(inputs)))
+    conv.set_weights([np.array([[[[1.0, 2.0], [3.0, -1.0]]]], np.float32), np.array([0.5, -0.5], np.float32)])
+    bn.set_weights([np.array(v, np.float32) for v in ([2.0, 1.0], [0.1, 0.0], [1.0, -1.0], [3.5, 0.5])])
+    x = np.zeros((1, 3, 3, 2), np.float32)
+    x[0, 0, 0] = [1.0, 1.0]
+    # pixel (0, 0): conv = [1 + 3 + 0.5, 2 - 1 - 0.5] = [4.5, 0.5]; bn: [(4.5 - 1) * 2 / 2 + 0.1,
+    # (0.5 + 1) * 1 / 1 + 0] = [3.6, 1.5]; a zero pixel: conv = [0.5, -0.5] -> [-0.4, 0.5]
+    folded = fold_batchnorm(model)
+    got = np.asarray(folded(x))
+    np.testing.assert_allclose(got[0, 0, 0], [3.6, 1.5], rtol=1e-6)
+    np.testing.assert_allclose(got[0, 1, 1], [-0.4, 0.5], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got, np.asarray(model(x, training=False)), rtol=1e-6, atol=1e-7)
+    kernel, bias = folded.get_layer("c").get_weights()
+    np.testing.assert_allclose(kernel[0, 0], [[1.0, 2.0], [3.0, -1.0]], rtol=1e-6)  # scales 2/2 and 1/1
+    np.testing.assert_allclose(bias, [-0.4, 0.5], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(blocks_per_level=0),  # a level is a convolution alone: no batch norm at all
+])
+def test_fold_batchnorm_leaves_models_without_a_foldable_pair_alone(kw):
+    from saltlib.model import fold_batchnorm
+
+    model = build_resnet_unet(**{**dict(base_filters=2, depth=2, dropout=0.0), **kw})
+    assert fold_batchnorm(model) is model
+
+
+def test_fold_batchnorm_keeps_a_convolution_whose_output_goes_elsewhere_too():
+    """A batch norm whose input also feeds another layer (or that follows an activation) stays."""
+    from saltlib.model import fold_batchnorm
+
+    inputs = keras.Input((4, 4, 1))
+    c1 = keras.layers.Conv2D(2, 1, name="c1")(inputs)
+    b1 = keras.layers.BatchNormalization(name="b1")(c1)
+    c2 = keras.layers.Conv2D(2, 1, activation="relu", name="c2")(inputs)
+    b2 = keras.layers.BatchNormalization(name="b2")(c2)
+    model = keras.Model(inputs, keras.layers.Add(name="sum")([b1, c1, b2]))
+    assert fold_batchnorm(model) is model
+
+
+@pytest.mark.parametrize("name", ["hc_head", "se_hc_head"])
+def test_inference_form_in_bfloat16_is_as_close_to_float32_as_the_model(name):
+    """Folded and projected in mixed bfloat16: no further from the float32 network than the model."""
+    from saltlib.model import inference_form
+
+    model = _randomized(name, "mixed_bfloat16")
+    x = images(3, seed=2)
+    exact = np.asarray(_with_weights_of(model, None)(x, training=False))
+    err_model = np.abs(np.asarray(model(x, training=False)) - exact).max()
+    err_fast = np.abs(np.asarray(inference_form(model)(x, training=False)) - exact).max()
+    assert err_fast <= 1.5 * err_model + 1e-6, (err_fast, err_model)
+
+
+def test_inference_form_of_a_saved_model(tmp_path):
+    """Bundles hold ``.keras`` files: the loaded model folds and projects, to the same logits."""
+    from saltlib.model import inference_form
+
+    model = _randomized("se_hc_head", None, seed=3)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False, safe_mode=True)
+    fast = inference_form(loaded)
+    names = {type(layer).__name__ for layer in fast.layers}
+    assert "FoldedBatchNorm" in names and "hypercolumn" not in {layer.name for layer in fast.layers}
+    x = images(2, seed=4)
+    want = np.asarray(model(x))
+    np.testing.assert_allclose(np.asarray(fast(x)), want, atol=2e-5 * np.abs(want).max(), rtol=0)
+
+
 # --------------------------------------------------------------------------- the training form's final convolutions
 def _concatenated_training_form(**kw):
     """The training form as it was built before its final convolutions went part by part: the
