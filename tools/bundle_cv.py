@@ -19,7 +19,7 @@ images each fold held out; the tool checks the recomputed split against it and r
 
 ::
 
-    python tools/bundle_cv.py models/resunet16-mix [--data-dir ../shared/data/tgs-salt] [--write]
+    python tools/bundle_cv.py models/resunet16-sehc [--data-dir ../shared/data/tgs-salt] [--write]
 """
 
 from __future__ import annotations

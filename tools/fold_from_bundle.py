@@ -6,7 +6,7 @@ keeps only the model files. To build a run from newly trained folds and a fold a
 trains), this writes ``OUT/fold<k>/`` from the bundle, so that ``salt run PARAMS --name RUN
 --resume`` (notebook 02 skips finished folds), notebook 03's tuning and ``salt ship`` use it::
 
-    python tools/fold_from_bundle.py models/resunet16-mix --fold 1 --out papermill_runs/RUN/models
+    python tools/fold_from_bundle.py models/resunet16-sehc --fold 1 --out papermill_runs/RUN/models
 
 What it writes:
 

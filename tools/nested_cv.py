@@ -7,7 +7,7 @@ It also records the nested score (``cv_score_nested`` in ``metrics.json``), with
 fold, every setting is chosen on the other folds' out-of-fold predictions and applied to this fold
 (:func:`saltlib.evaluate.nested`; a one-fold run is split into five parts instead)::
 
-    python tools/nested_cv.py papermill_runs/resunet16-mix
+    python tools/nested_cv.py papermill_runs/resunet16-sehc
 """
 
 from __future__ import annotations

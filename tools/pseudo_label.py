@@ -4,10 +4,10 @@ Two steps, each fold on its own::
 
     # 1. label the unlabelled test images with fold K's model of a bundle (flip TTA and the
     #    bundle's cut-off and min size), keeping only the confident images (see select())
-    python tools/pseudo_label.py label --bundle models/resunet16-mix --fold 0 --out work_runs/pl/labels0.npz
+    python tools/pseudo_label.py label --bundle models/resunet16-sehc --fold 0 --out work_runs/pl/labels0.npz
     # 2. fine-tune that model on fold K's training images plus the labelled test images
     #    (leave --labels out for the control: the same fine-tuning without them)
-    python tools/pseudo_label.py train --bundle models/resunet16-mix --fold 0 --params params/finetune.yaml \\
+    python tools/pseudo_label.py train --bundle models/resunet16-sehc --fold 0 --params params/finetune.yaml \\
         --labels work_runs/pl/labels0.npz --out work_runs/pl/pl
 
 Leakage: fold K's validation images must not reach its training in any form. The test images are
