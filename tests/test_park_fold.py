@@ -167,3 +167,101 @@ def test_snapshot_of_a_stage_not_kept_is_named(finished, dataset, tmp_path):
     (fold / "stage1.weights.h5").unlink()
     with pytest.raises(ValueError, match="snapshots \\[1\\] need stage1.weights.h5"):
         train.train_fold(ds, folds, 1, {**THREE, "snapshots": [1]}, fold.parent, verbose=0)
+
+
+#: THREE with a two-epoch last stage and no dropout: a resume that carries Adam's state and the
+#: data stream trains that stage's second epoch exactly as an uninterrupted run does
+FOUR = {**THREE, "dropout": 0.0,
+        "stages": THREE["stages"][:2] + [{"loss": "lovasz", "epochs": 2, "lr": 0.002}]}
+
+
+def _stopped_during_stage3_epoch2(dataset, out, monkeypatch):
+    """Train fold 1 of FOUR into ``out`` and stop it (KeyboardInterrupt, as Ctrl-C does) at the end
+    of stage 3's second epoch, before its checkpoint: ``backup3/`` then holds epoch 1."""
+    ds, folds = dataset
+    real, calls = train.metric.competition_score, []
+
+    def score(*args, **kwargs):  # ValScore's, once per epoch: stage 1, stage 2, stage 3 epoch 1, epoch 2
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train.metric, "competition_score", score)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_fold(ds, folds, 1, FOUR, out, verbose=0)
+    monkeypatch.setattr(train.metric, "competition_score", real)
+    return out / "fold1"
+
+
+def test_park_in_progress_carries_the_epoch_checkpoint_and_resumes_there(dataset, tmp_path, monkeypatch, capsys):
+    import h5py
+
+    ds, folds = dataset
+    tool = load_tool("park_fold")
+    stopped = _stopped_during_stage3_epoch2(dataset, tmp_path / "run", monkeypatch)
+    meta = json.loads((stopped / "backup3" / "training_metadata.json").read_text())
+    assert meta["epoch"] == 1 and (stopped / "backup3" / meta["weights"]).is_file()
+    capsys.readouterr()
+
+    parked = tool.park(stopped, tmp_path / "checkpoints", in_progress=True)
+    record = json.loads((parked / "park.json").read_text())
+    assert (record["stage"], record["in_progress"]) == (2, {"stage": 3, "epoch": 1, "epochs": 2})
+    assert (record["epochs_done"], record["epochs_total"]) == (3, 4)
+    assert sorted(record["files"]) == sorted([
+        "recipe.json", "split.json", "timing.json", "history.csv", "stage2.weights.h5",
+        "backup3/training_metadata.json", f"backup3/{meta['weights']}"])
+    assert record["files"] == {n: _sha256(parked / n) for n in record["files"]}
+    # the epoch checkpoint keeps Adam's moments and step (the stage goes on with them)
+    with h5py.File(parked / "backup3" / meta["weights"], "r") as f:
+        assert "optimizer" in f
+    assert _sha256(parked / "backup3" / meta["weights"]) == _sha256(stopped / "backup3" / meta["weights"])
+    assert pd.read_csv(parked / "history.csv")[["stage", "epoch"]].values.tolist() == [[1, 1], [2, 1], [3, 1]]
+    timing = json.loads((stopped / "timing.json").read_text())
+    assert json.loads((parked / "timing.json").read_text()) == timing and record["seconds"] == timing["seconds"]
+    assert "parked fold 1 at epoch 1 of 2 of stage 3 of 3 (3 of 4 epochs)" in capsys.readouterr().out
+
+    back = tool.unpark(parked, tmp_path / "elsewhere" / "models")
+    assert "after epoch 1 of 2 of stage 3 of 3 (3 of 4 epochs)" in capsys.readouterr().out
+    before = pd.read_csv(back / "history.csv")
+    resumed = train.train_fold(ds, folds, 1, FOUR, back.parent, verbose=0)
+    whole = train.train_fold(ds, folds, 1, FOUR, tmp_path / "whole", verbose=0)
+    h = pd.read_csv(back / "history.csv")
+    assert h[["stage", "epoch"]].values.tolist() == [[1, 1], [2, 1], [3, 1], [3, 2]]
+    assert h["time"].iloc[2] == before["time"].iloc[2]  # stage 3's first epoch was not trained again
+    assert not (back / "backup3").exists() and resumed["seconds"] > record["seconds"]
+    # stage 3's second epoch and the model are those of the run that never stopped
+    h_whole = pd.read_csv(tmp_path / "whole" / "fold1" / "history.csv")
+    np.testing.assert_allclose(h["loss"], h_whole["loss"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(h["lr"], h_whole["lr"], rtol=1e-6)
+    for x, y in zip(_weights(back), _weights(tmp_path / "whole" / "fold1")):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    assert resumed["val_score"] == whole["val_score"]
+
+
+def test_park_in_progress_refusals(dataset, finished, tmp_path, monkeypatch):
+    tool = load_tool("park_fold")
+    stopped = _stopped_during_stage3_epoch2(dataset, tmp_path / "run", monkeypatch)
+    meta = json.loads((stopped / "backup3" / "training_metadata.json").read_text())
+    weights = stopped / "backup3" / meta["weights"]
+    weights.rename(weights.with_suffix(".moved"))
+    with pytest.raises(SystemExit, match=f"{meta['weights']}: missing \\(the counter training_metadata.json"):
+        tool.park(stopped, tmp_path / "c", in_progress=True)
+    weights.with_suffix(".moved").rename(weights)
+    (stopped / "backup2").mkdir()  # a stale folder beside the stage in progress
+    with pytest.raises(SystemExit, match="carries the checkpoint of stage 3 \\(backup3/\\).*found backup2, backup3"):
+        tool.park(stopped, tmp_path / "c", in_progress=True)
+    # a fold whose first stage is in progress: nothing finished, the flag carries it
+    fresh = tmp_path / "fresh" / "fold1"
+    fresh.mkdir(parents=True)
+    for name in ("recipe.json", "split.json"):
+        shutil.copy2(finished / name, fresh / name)
+    shutil.copytree(stopped / "backup3", fresh / "backup1")
+    with pytest.raises(SystemExit, match="nothing to park yet \\(park the stage in progress with --in-progress\\)"):
+        tool.park(fresh, tmp_path / "c")
+    parked = tool.park(fresh, tmp_path / "c", in_progress=True)
+    record = json.loads((parked / "park.json").read_text())
+    assert (record["stage"], record["in_progress"]["stage"], record["epochs_done"]) == (0, 1, 1)
+    assert not [n for n in record["files"] if n.startswith("stage")]
+    assert not (tmp_path / "c" / "fold1" / "stage0.weights.h5").exists()
+    assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]
