@@ -99,13 +99,13 @@ def park(fold_dir, dest_root, also_stages=(), in_progress=False) -> Path:
     stages = {int(m[1]) for p in fold_dir.iterdir() if (m := STAGE.match(p.name))}
     last = max(stages, default=0)
     backups = sorted(int(m[1]) for p in fold_dir.iterdir() if p.is_dir() and (m := BACKUP.match(p.name)))
-    running = None  # (stage, epoch, {name in backup<i>/: path}) of the stage in progress carried
+    running = None  # (stage, epochs finished, {name under the fold folder: path}) of the stage in progress carried
     if in_progress:
         if backups != [last + 1]:
             found = ", ".join(f"backup{b}" for b in backups) or "none"
             raise SystemExit(f"{fold_dir}: --in-progress carries the checkpoint of stage {last + 1} (backup{last + 1}/),"
                              f" the stage after the last finished one; found {found}")
-        running = _backup_files(fold_dir / f"backup{last + 1}")
+        running = (last + 1, *_backup_files(fold_dir / f"backup{last + 1}"))
     if not stages and running is None:
         raise SystemExit(f"{fold_dir}: no stage has finished (no stage<i>.weights.h5); nothing to park yet"
                          + (f" (park the stage in progress with --in-progress)" if backups == [1] else ""))
@@ -115,15 +115,14 @@ def park(fold_dir, dest_root, also_stages=(), in_progress=False) -> Path:
     weights = [f"stage{s}.weights.h5" for s in sorted({last, *also_stages} - {0})]
     if dest.exists():
         raise SystemExit(f"{dest} exists; park into another folder or remove it first")
-    names = [n for n in RECORDS if (fold_dir / n).is_file()] + weights
+    names = [n for n in RECORDS if (fold_dir / n).is_file()] + weights + (list(running[2]) if running else [])
     timing = json.loads((fold_dir / "timing.json").read_text()) if (fold_dir / "timing.json").is_file() else {}
-    left = [f"backup{b}" for b in backups if running is None]
+    left = [] if running else [f"backup{b}" for b in backups]
+    ends = {k: v for k, v in timing.get("stage_end", {}).items() if int(k) <= last}
     if running is not None:  # the time so far, as a resume here would count it
         if "stage_end" in timing:
-            timing = {"seconds": timing["seconds"],
-                      "stage_end": {k: v for k, v in timing["stage_end"].items() if int(k) <= last}}
-    elif str(last) in timing.get("stage_end", {}):  # the time at the stage carried, not the one in progress
-        ends = {k: v for k, v in timing["stage_end"].items() if int(k) <= last}
+            timing = {"seconds": timing["seconds"], "stage_end": ends}
+    elif str(last) in ends:  # the time at the stage carried, not the one in progress
         timing = {"seconds": ends[str(last)], "stage_end": ends}
     elif timing and left:
         print(f"note: {fold_dir / 'timing.json'} has no stage_end for stage {last}; its seconds"
@@ -154,7 +153,9 @@ def park(fold_dir, dest_root, also_stages=(), in_progress=False) -> Path:
 
     try:
         with io.atomic_dir(dest, "park into another folder") as tmp:
-            before = {n: _sha256(fold_dir / n) for n in weights}
+            # the files a running salt train may rewrite: the stage weights carried and the epoch checkpoint
+            sources = {n: fold_dir / n for n in weights} | (running[2] if running else {})
+            before = _digests(sources)
             for n in names:
                 if n in weights:
                     _copy_without_optimizer(fold_dir / n, tmp / n)
@@ -167,27 +168,21 @@ def park(fold_dir, dest_root, also_stages=(), in_progress=False) -> Path:
                 elif n == "timing.json":
                     io.write_json(tmp / n, timing)
                 else:
-                    shutil.copy2(fold_dir / n, tmp / n)
-            if running is not None:
-                (tmp / f"backup{running[0]}").mkdir()
-                try:
-                    for rel, src in running[2].items():
-                        shutil.copy2(src, tmp / rel)
-                    changed = _backup_files(fold_dir / f"backup{running[0]}")[1:] != running[1:] or any(
-                        _sha256(tmp / rel) != _sha256(src) for rel, src in running[2].items())
-                except (OSError, SystemExit):
-                    changed = True
-                names = names + list(running[2])
-                if changed:
-                    raise SystemExit(f"{fold_dir / f'backup{running[0]}'}: the checkpoint changed while it was"
-                                     " copied; stop salt train first")
+                    (tmp / n).parent.mkdir(exist_ok=True)  # backup<i>/ of the stage in progress
+                    try:
+                        shutil.copy2(fold_dir / n, tmp / n)
+                    except FileNotFoundError:
+                        if n not in sources:
+                            raise
+                        # an epoch checkpoint replaced meanwhile: the check below names it
+            changed = [n for n, digest in _digests(sources).items() if digest != before[n] or digest is None]
+            if changed:
+                raise SystemExit(f"{fold_dir}: {', '.join(changed)} changed while it was copied; stop salt train first")
             record["files"] = {n: _sha256(tmp / n) for n in names}
-            if any(_sha256(fold_dir / n) != before[n] for n in weights):
-                raise SystemExit(f"{fold_dir}: a weights file changed while it was copied")
             io.write_json(tmp / "park.json", record)
     except FileExistsError as e:
         raise SystemExit(str(e)) from None
-    size = sum((dest / n).stat().st_size for n in record["files"]) / 2**20
+    size = sum((dest / n).stat().st_size for n in names) / 2**20
     where = (f"epoch {running[1]} of {record['in_progress']['epochs']} of stage {running[0]}" if running
              else f"stage {last}")
     print(f"parked fold {fold} at {where} of {record['stages']} ({epochs} of {record['epochs_total']} epochs)"
@@ -198,11 +193,18 @@ def park(fold_dir, dest_root, also_stages=(), in_progress=False) -> Path:
     return dest
 
 
+def _digests(paths: dict) -> dict:
+    """SHA-256 of each file of ``{name: path}``; ``None`` for one that is gone (a running
+    ``salt train`` removes an epoch checkpoint's weights once the next one is written)."""
+    from saltlib.predict import _sha256
+
+    return {n: _sha256(p) if p.is_file() else None for n, p in paths.items()}
+
+
 def _backup_files(folder: Path):
-    """The stage in progress in ``folder`` (``backup<i>/``): ``(stage, epochs finished, {path
-    relative to the fold folder: source})`` for its counter and the weights file the counter names
+    """The stage in progress in ``folder`` (``backup<i>/``): ``(epochs finished, {path relative to
+    the fold folder: source})`` for its counter and the weights file the counter names
     (``latest.weights.h5`` for a checkpoint of Keras' own scheme)."""
-    stage = int(BACKUP.match(folder.name)[1])
     meta_path = folder / "training_metadata.json"
     if not meta_path.is_file():
         raise SystemExit(f"{meta_path}: missing; the stage in progress has no finished epoch to carry")
@@ -217,7 +219,7 @@ def _backup_files(folder: Path):
     weights = folder / (meta.get("weights") or "latest.weights.h5")
     if not weights.is_file():
         raise SystemExit(f"{weights}: missing (the counter {meta_path.name} names it)")
-    return stage, epoch, {f"{folder.name}/{meta_path.name}": meta_path, f"{folder.name}/{weights.name}": weights}
+    return epoch, {f"{folder.name}/{meta_path.name}": meta_path, f"{folder.name}/{weights.name}": weights}
 
 
 def _copy_without_optimizer(src: Path, dst: Path) -> None:
