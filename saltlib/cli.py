@@ -2,7 +2,8 @@
 
     salt run PARAMS.yaml [--name NAME] [--set key=value ...]   run notebooks 01-04 into papermill_runs/NAME
     salt runs                                                  table of runs + papermill_runs/index.html
-    salt train PARAMS.yaml --out DIR [--folds 0,1]             train folds without notebooks (resumable)
+    salt train PARAMS.yaml --out DIR [--folds 0,1]             train folds without notebooks (resumable;
+                                                               SIGINT/SIGTERM stop at the epoch's end)
     salt predict --model models/NAME --images DIR --out submission.csv
     salt data [--kaggle]                                       find (or download) the data and check it
     salt ship RUN_DIR --name NAME                              copy a run's bundle to models/NAME + model card
@@ -32,8 +33,15 @@ def _cmd_train(args) -> int:
     ds = data.load_train(cfg.get("data_dir") or None, limit=cfg.get("limit") or None)
     folds = data.kfold(ds, cfg["n_folds"], cfg["seed"])
     tcfg = {k: cfg[k] for k in train.DEFAULTS if k in cfg}
-    for f in cfg["folds"]:
-        train.train_fold(ds, folds, f, tcfg, Path(args.out), verbose=2)
+    # SIGINT / SIGTERM (kill -INT, kill, Ctrl-C) stop at the end of the epoch in progress, after
+    # its checkpoint; the exit status is 128 + the signal's number, as for a process it killed
+    try:
+        with train.stop_at_epoch_end():
+            for f in cfg["folds"]:
+                train.train_fold(ds, folds, f, tcfg, Path(args.out), verbose=2)
+    except train.StopRequested as e:
+        print(f"salt train: {e}", file=sys.stderr)
+        return 128 + e.signum
     return 0
 
 

@@ -4,7 +4,8 @@ A fold trains through *stages* (for example BCE, then the Lovász hinge), each w
 and a cosine learning-rate decay. Every epoch is checkpointed with ``keras.callbacks.BackupAndRestore``
 (weights, optimizer state and epoch), and a finished stage leaves its weights behind, so a killed
 run started again in the same folder resumes from its last completed epoch, and a finished fold is
-not retrained.
+not retrained. Inside :func:`stop_at_epoch_end` (``salt train`` uses it) SIGINT or SIGTERM stops
+training at the end of the epoch in progress, after its checkpoint, so no epoch is lost.
 
 Files in a fold folder ``OUT/fold<k>/``::
 
@@ -24,9 +25,12 @@ Files in a fold folder ``OUT/fold<k>/``::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -103,6 +107,60 @@ def split_record(ids, folds: np.ndarray, fold: int) -> dict:
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a NaN loss, say). The message says why."""
+
+
+class StopRequested(Exception):
+    """Training stopped because a signal asked it to (see :func:`stop_at_epoch_end`): at an epoch's
+    end, after that epoch's checkpoint, or between stages or folds. Starting the same training
+    again resumes it. ``signum`` is the signal; the message says where it stopped."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+#: the signal that asked training to stop (set by :func:`stop_at_epoch_end`'s handler), or None
+_STOP = {"signum": None}
+
+
+@contextlib.contextmanager
+def stop_at_epoch_end(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Within the block, the first of ``signals`` asks :func:`train_fold` to stop at the end of
+    the epoch in progress (after its checkpoint and history row), which then raises
+    :class:`StopRequested`; a second one stops at once (``KeyboardInterrupt``, losing the epoch in
+    progress, as a kill does). The previous handlers are put back on leaving.
+
+    SIGINT is handled even when the process started with it ignored, as a command started with
+    ``nohup ... &`` does: there ``kill -INT`` used to do nothing at all. Outside the main thread
+    (where Python cannot install handlers) the block changes nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if _STOP["signum"] is not None:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice")
+        _STOP["signum"] = signum
+        print(f"{signal.Signals(signum).name} received: training stops at the end of this epoch, after its "
+              "checkpoint (send it again to stop at once)", flush=True)
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    _STOP["signum"] = None
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _STOP["signum"] = None
+
+
+def _check_stop(where: str) -> None:
+    """Raise :class:`StopRequested` ("stopped <where>") if a signal asked training to stop."""
+    signum = _STOP["signum"]
+    if signum is not None:
+        raise StopRequested(f"{signal.Signals(signum).name}: stopped {where}; run the same command again to resume",
+                            signum)
 
 
 def jit_compile() -> bool:
@@ -402,7 +460,21 @@ def _callbacks_module():
                     self._weights_path = str(Path(self.backup_dir) / name)
             super()._load_model()
 
-    return ValScore, StopOnNaN, History, AtomicBackupAndRestore, Timing
+    class StopAtEpochEnd(keras.callbacks.Callback):
+        """Ends ``fit`` after the epoch in which :func:`stop_at_epoch_end`'s handler ran. Listed
+        after the checkpoint callback, so that epoch is saved first. ``epochs_done`` counts the
+        stage's epochs finished (those of an earlier, resumed process included)."""
+
+        def __init__(self):
+            super().__init__()
+            self.epochs_done = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epochs_done = epoch + 1
+            if _STOP["signum"] is not None:
+                self.model.stop_training = True
+
+    return ValScore, StopOnNaN, History, AtomicBackupAndRestore, Timing, StopAtEpochEnd
 
 
 def _has_hypercolumn(model) -> bool:
@@ -505,6 +577,8 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
         saltlib.params.ParamError: a configuration value :mod:`saltlib.params` refuses (before
             anything is written).
         TrainingError: on a NaN loss.
+        StopRequested: within :func:`stop_at_epoch_end`, when a signal asked training to stop
+            (everything finished so far is kept; calling again resumes).
     """
     import keras
 
@@ -516,6 +590,7 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
                  base={**params.defaults(), **cfg})
     if not (np.asarray(folds) == fold).any():
         raise ValueError(f"fold {fold} holds no images: the split has folds {np.unique(folds).tolist()}")
+    _check_stop(f"before fold {fold}")
     fold_dir = Path(out_dir) / f"fold{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     done_path, recipe_path = fold_dir / "done.json", fold_dir / "recipe.json"
@@ -582,7 +657,7 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
     replicas = strategy.num_replicas_in_sync
     global_batch = cfg["batch_size"] * replicas
     steps = math.ceil(len(train_idx) / global_batch)
-    ValScore, StopOnNaN, History, Backup, Timing = _callbacks_module()
+    ValScore, StopOnNaN, History, Backup, Timing, StopAtEpochEnd = _callbacks_module()
     timing_path = fold_dir / "timing.json"
     timing = io.read_json(timing_path) if timing_path.exists() else {}
     seconds, stage_end = float(timing.get("seconds", 0.0)), dict(timing.get("stage_end", {}))
@@ -626,6 +701,7 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
             print(f"fold {fold} stage {s} ({stage['loss']}): finished earlier, loading its weights")
             model.load_weights(stage_path)
             continue
+        _check_stop(f"before fold {fold}'s stage {s} of {len(cfg['stages'])}")
         if s > 1:
             model.load_weights(fold_dir / f"stage{s - 1}.weights.h5")
         lr = stage["lr"] * replicas
@@ -652,7 +728,7 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
         # fit(): a later stage of the same process would start at that epoch with a fresh
         # optimizer (fewer epochs, and a cosine schedule that never decays). Clear it per stage.
         model._initial_epoch = None
-        timer = Timing(timing_path, seconds, stage_end)
+        timer, stopper = Timing(timing_path, seconds, stage_end), StopAtEpochEnd()
         try:
             model.fit(
                 ds,
@@ -668,16 +744,21 @@ def train_fold(dataset, folds: np.ndarray, fold: int, cfg: dict, out_dir, verbos
                     timer,
                     History(fold_dir / "history.csv", s),
                     backup,
+                    stopper,
                 ],
             )
         finally:
             seconds = timer.total()
             timer.write(seconds)
+        if stopper.epochs_done is not None and stopper.epochs_done < stage["epochs"]:
+            _check_stop(f"fold {fold} after epoch {stopper.epochs_done} of stage {s}'s {stage['epochs']} "
+                        f"(checkpoint in {fold_dir / f'backup{s}'})")
         with io.atomic_path(stage_path) as tmp:
             model.save_weights(tmp)
         stage_end[str(s)] = seconds
         timer.write(seconds)
         shutil.rmtree(fold_dir / f"backup{s}", ignore_errors=True)
+    _check_stop(f"fold {fold} after its last stage (its models and out-of-fold scores are made when it resumes)")
 
     # the fold's ensemble: the final model and any snapshots, saved for inference; out-of-fold
     # logits come from the saved files, so they are exactly what a bundle predicts

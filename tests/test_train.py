@@ -1,5 +1,6 @@
-"""Training one fold: outputs, skipping a finished fold, NaN losses, resuming after SIGKILL,
-and reproducibility. Tiny models (4 base filters, depth 2) on 24 synthetic images."""
+"""Training one fold: outputs, skipping a finished fold, NaN losses, resuming after SIGKILL or
+after a stop signal (SIGINT/SIGTERM stop at an epoch end), and reproducibility. Tiny models (4 base
+filters, depth 2) on 24 synthetic images."""
 
 from __future__ import annotations
 
@@ -515,6 +516,71 @@ def test_killed_training_resumes_from_last_epoch(synthetic24, tmp_path):
     np.testing.assert_allclose(h["loss"], h_whole["loss"], rtol=1e-4, atol=1e-6)
 
     # (a third start that finds the fold finished: test_finished_fold_is_skipped, in-process)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_at_an_epoch_end_and_resumes(synthetic24, tmp_path, sig):
+    """``kill -INT`` / ``kill`` stop ``salt train`` at the end of the epoch in progress, after its
+    checkpoint: the next start resumes at the following epoch, none lost and none repeated. The
+    process starts with SIGINT ignored, as one started by ``nohup salt train ... &`` does."""
+    params = _write_params(tmp_path / "tiny.yaml", synthetic24.root)
+    out = tmp_path / "models"
+    fold_dir, name = out / "fold0", signal.Signals(sig).name
+    log_path = tmp_path / "run1.log"
+    with open(log_path, "w") as log1:
+        proc = subprocess.Popen(_train_cmd(params, out), stdout=log1, stderr=subprocess.STDOUT, env=subprocess_env(),
+                                cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        try:
+            deadline = time.time() + 400
+            while time.time() < deadline and proc.poll() is None:
+                h = _history(fold_dir / "history.csv")
+                if h is not None and (h["stage"] == 2).any():
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            proc.send_signal(sig)
+            proc.wait(120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    log = log_path.read_text()
+    assert proc.returncode == 128 + sig, log[-3000:]
+    stopped = int((_history(fold_dir / "history.csv")["stage"] == 2).sum())
+    assert 1 <= stopped < RESUME_EPOCHS
+    assert f"{name} received: training stops at the end of this epoch" in log
+    assert f"salt train: {name}: stopped fold 0 after epoch {stopped} of stage 2's {RESUME_EPOCHS}" in log
+    # the checkpoint is of the last epoch with a history row; the stage is not marked finished
+    assert json.loads((fold_dir / "backup2" / "training_metadata.json").read_text())["epoch"] == stopped
+    assert not (fold_dir / "stage2.weights.h5").exists() and not (fold_dir / "done.json").exists()
+
+    second = subprocess.run(_train_cmd(params, out), capture_output=True, text=True, timeout=400,
+                            env=subprocess_env(), cwd=ROOT)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-4000:]
+    assert [int(k) for k in re.findall(rf"Epoch (\d+)/{RESUME_EPOCHS}", log)] == list(range(stopped + 1, RESUME_EPOCHS + 1))
+    h = pd.read_csv(fold_dir / "history.csv")
+    assert h[["stage", "epoch"]].values.tolist() == (
+        [[1, 1]] + [[2, e] for e in range(1, RESUME_EPOCHS + 1)] + [[3, 1], [3, 2]]
+    )
+    assert (fold_dir / "done.json").exists()
+
+
+def test_stop_handler_sets_the_request_and_restores_handlers(dataset, tmp_path):
+    """The first signal inside ``stop_at_epoch_end`` only asks to stop (a fold not yet started
+    refuses to start, writing nothing); the second interrupts at once; leaving the block puts the
+    previous handlers back and forgets the request."""
+    ds, folds = dataset
+    before = signal.getsignal(signal.SIGTERM)
+    with train.stop_at_epoch_end():
+        signal.raise_signal(signal.SIGTERM)
+        with pytest.raises(train.StopRequested, match="SIGTERM: stopped before fold 0; run the same command again") as e:
+            train.train_fold(ds, folds, 0, NAN_CFG, tmp_path / "out", verbose=0)
+        assert e.value.signum == signal.SIGTERM
+        assert not (tmp_path / "out").exists()
+        with pytest.raises(KeyboardInterrupt, match="SIGINT received twice"):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert train._STOP["signum"] is None
 
 
 def test_cli_train_reports_bad_params(tmp_path):
