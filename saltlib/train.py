@@ -150,8 +150,8 @@ def stop_at_epoch_end(signals=(signal.SIGINT, signal.SIGTERM)):
     try:
         yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        for s, h in previous.items():  # None: a handler not set from Python, put back as the default
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
         _STOP["signum"] = None
 
 
