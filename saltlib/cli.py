@@ -35,13 +35,9 @@ def _cmd_train(args) -> int:
     tcfg = {k: cfg[k] for k in train.DEFAULTS if k in cfg}
     # SIGINT / SIGTERM (kill -INT, kill, Ctrl-C) stop at the end of the epoch in progress, after
     # its checkpoint; the exit status is 128 + the signal's number, as for a process it killed
-    try:
-        with train.stop_at_epoch_end():
-            for f in cfg["folds"]:
-                train.train_fold(ds, folds, f, tcfg, Path(args.out), verbose=2)
-    except train.StopRequested as e:
-        print(f"salt train: {e}", file=sys.stderr)
-        return 128 + e.signum
+    with train.stop_at_epoch_end(exit_as="salt train"):
+        for f in cfg["folds"]:
+            train.train_fold(ds, folds, f, tcfg, Path(args.out), verbose=2)
     return 0
 
 

@@ -30,6 +30,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -124,16 +125,28 @@ _STOP = {"signum": None}
 
 
 @contextlib.contextmanager
-def stop_at_epoch_end(signals=(signal.SIGINT, signal.SIGTERM)):
+def stop_at_epoch_end(signals=(signal.SIGINT, signal.SIGTERM), exit_as: str | None = None):
     """Within the block, the first of ``signals`` asks :func:`train_fold` to stop at the end of
     the epoch in progress (after its checkpoint and history row), which then raises
     :class:`StopRequested`; a second one stops at once (``KeyboardInterrupt``, losing the epoch in
     progress, as a kill does). The previous handlers are put back on leaving.
 
+    With ``exit_as`` (a command's name), a :class:`StopRequested` leaving the block is printed to
+    stderr as ``"<exit_as>: <message>"`` and becomes ``SystemExit(128 + signal number)``, the status
+    of a process that signal killed; without it, it propagates.
+
     SIGINT is handled even when the process started with it ignored, as a command started with
     ``nohup ... &`` does: there ``kill -INT`` used to do nothing at all. Outside the main thread
     (where Python cannot install handlers) the block changes nothing.
     """
+    if exit_as is not None:
+        try:
+            with stop_at_epoch_end(signals):
+                yield
+        except StopRequested as e:
+            print(f"{exit_as}: {e}", file=sys.stderr)
+            raise SystemExit(128 + e.signum) from None
+        return
     if threading.current_thread() is not threading.main_thread():
         yield
         return

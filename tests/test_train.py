@@ -583,6 +583,20 @@ def test_stop_handler_sets_the_request_and_restores_handlers(dataset, tmp_path):
     assert train._STOP["signum"] is None
 
 
+def test_stop_as_a_command_exits_with_the_signal_status(dataset, tmp_path, capsys):
+    """With ``exit_as``, a stop leaves the block as ``SystemExit(128 + signal)``, its message on
+    stderr under the command's name, and the handlers put back."""
+    ds, folds = dataset
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        with train.stop_at_epoch_end(exit_as="salt train"):
+            signal.raise_signal(signal.SIGTERM)
+            train.train_fold(ds, folds, 0, NAN_CFG, tmp_path / "out", verbose=0)
+    assert e.value.code == 128 + signal.SIGTERM
+    assert "salt train: SIGTERM: stopped before fold 0; run the same command again" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before and train._STOP["signum"] is None
+
+
 def test_cli_train_reports_bad_params(tmp_path):
     params = tmp_path / "bad.yaml"
     params.write_text("depth: 9\n")

@@ -158,13 +158,10 @@ def train(args) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         io.write_json(path, record)
-    try:  # SIGINT / SIGTERM stop at an epoch's end, after its checkpoint, as in `salt train`
-        with training.stop_at_epoch_end():
-            summary = training.train_fold(ds, split, args.fold, cfg, args.out,
-                                          init_from=Path(args.bundle) / spec["models"][k])
-    except training.StopRequested as e:
-        print(f"pseudo_label.py train: {e}", file=sys.stderr)
-        raise SystemExit(128 + e.signum) from None
+    # SIGINT / SIGTERM stop at an epoch's end, after its checkpoint, as in `salt train`
+    with training.stop_at_epoch_end(exit_as="pseudo_label.py train"):
+        summary = training.train_fold(ds, split, args.fold, cfg, args.out,
+                                      init_from=Path(args.bundle) / spec["models"][k])
     print(summary)
 
 
