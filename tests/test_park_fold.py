@@ -133,10 +133,42 @@ def test_unparked_fold_finishes_as_one_that_kept_every_stage(finished, dataset, 
     assert a["val_score"] == b["val_score"]
 
 
+def test_finished_fold_parks_whole_and_comes_back_finished(finished, dataset, tmp_path, capsys):
+    """A finished fold that does not ship: its model, out-of-fold logits, done.json and records go,
+    byte for byte, no stage weights; unparked, salt train skips it and its scores read as before."""
+    ds, folds = dataset
+    tool = load_tool("park_fold")
+    parked = tool.park(finished, tmp_path / "checkpoints")
+    assert sorted(p.name for p in parked.iterdir()) == [
+        "done.json", "history.csv", "model.keras", "oof.npz", "park.json", "recipe.json", "split.json", "timing.json"]
+    record = json.loads((parked / "park.json").read_text())
+    assert record["finished"] is True and (record["stage"], record["stages"]) == (3, 3)
+    assert (record["epochs_done"], record["epochs_total"]) == (3, 3)
+    done = json.loads((finished / "done.json").read_text())
+    assert record["seconds"] == done["seconds"]
+    for n in record["files"]:
+        assert record["files"][n] == _sha256(parked / n) == _sha256(finished / n), n
+    assert "parked finished fold 1 (3 epochs; model.keras and oof.npz)" in capsys.readouterr().out
+    back = tool.unpark(parked, tmp_path / "elsewhere" / "models")
+    assert "finished fold 1 back in" in capsys.readouterr().out
+    again = train.train_fold(ds, folds, 1, THREE, back.parent, verbose=0)  # skipped: done.json is there
+    assert again["val_score"] == done["val_score"] and not (back / "stage1.weights.h5").exists()
+    a = train.load_oof(back.parent, ds, folds, [1])
+    b = train.load_oof(finished.parent, ds, folds, [1])
+    np.testing.assert_array_equal(a["idx"], b["idx"])
+    np.testing.assert_array_equal(a["logits_tta"], b["logits_tta"])
+
+
 def test_park_and_unpark_refusals(finished, tmp_path):
     tool = load_tool("park_fold")
-    with pytest.raises(SystemExit, match="the fold is finished"):
-        tool.park(finished, tmp_path / "c")
+    for kwargs in ({"in_progress": True}, {"also_stages": [1]}):
+        with pytest.raises(SystemExit, match="the fold is finished.*without --in-progress or --also-stages"):
+            tool.park(finished, tmp_path / "c", **kwargs)
+    no_oof = tmp_path / "done" / "fold1"
+    shutil.copytree(finished, no_oof)
+    (no_oof / "oof.npz").unlink()
+    with pytest.raises(SystemExit, match="fold1: no oof.npz"):
+        tool.park(no_oof, tmp_path / "c")
     fresh = tmp_path / "run" / "fold1"
     fresh.mkdir(parents=True)
     for name in ("recipe.json", "split.json"):

@@ -1,4 +1,4 @@
-"""Carry an unfinished fold from one machine to another through git, at a stage boundary.
+"""Carry a fold from one machine to another through git: an unfinished one at a stage boundary.
 
 ``salt train`` keeps a fold's state in ``papermill_runs/<run>/models/fold<k>/``, which is
 git-ignored: a fold that needs more than one sitting, on machines that do not keep that folder
@@ -37,10 +37,15 @@ is (its seconds include the part of an epoch that was running when training stop
 the same machine counts them; stop ``salt train`` just after an epoch ends to waste nothing). The
 resumed stage is then the one an uninterrupted run trains, but for dropout's random stream. Such a
 park is three times the size (a 5.1M-parameter model: 62 MB instead of 21 MB). Stop ``salt train``
-before parking a stage in progress: a checkpoint that changes while it is copied is refused. A finished fold
-(``done.json``) is not parked: its model ships, and ``tools/fold_from_bundle.py`` brings a
-shipped fold back. Neither command overwrites anything; each writes beside its destination and
-renames at the end.
+before parking a stage in progress: a checkpoint that changes while it is copied is refused.
+
+A finished fold (``done.json``) that does not ship (a fold trained for a recipe's cross-validation
+beyond the bundle's folds, say) is parked whole, so that its scores survive the run folder: its
+model files (``done.json``'s ``models``), ``oof.npz`` (the held-out logits that notebook 03 and
+``tools/nested_cv.py`` score), ``done.json`` and the records, full history and timing; no stage
+weights (a 5.1M-parameter fold: 38 MB). Unparked, ``salt train`` skips it as finished. A shipped
+fold needs no park: ``tools/fold_from_bundle.py`` brings it back from the bundle. Neither command
+overwrites anything; each writes beside its destination and renames at the end.
 """
 
 from __future__ import annotations
@@ -73,7 +78,8 @@ def park(fold_dir, dest_root, also_stages=(), in_progress=False) -> Path:
     """Copy what resuming ``fold_dir`` needs into ``dest_root/fold<k>/`` (see the module docstring).
 
     Args:
-        fold_dir: an unfinished fold folder ``OUT/fold<k>`` with at least one finished stage.
+        fold_dir: a fold folder ``OUT/fold<k>``: unfinished with at least one finished stage, or
+            finished (``done.json``; then its model and out-of-fold logits go, see the module docstring).
         dest_root: the folder to park it in (``checkpoints/<run>``).
         also_stages: earlier stages whose weights go too: those the run's ``snapshots`` name
             (``recipe.json`` does not record them; a resume that needs one missing says so).
@@ -90,11 +96,14 @@ def park(fold_dir, dest_root, also_stages=(), in_progress=False) -> Path:
     fold_dir = Path(fold_dir)
     fold = _fold_number(fold_dir)
     dest = Path(dest_root) / fold_dir.name
-    if (fold_dir / "done.json").exists():
-        raise SystemExit(f"{fold_dir}: the fold is finished (done.json); ship its model instead of parking it")
     for name in RECORDS[:2]:
         if not (fold_dir / name).is_file():
             raise SystemExit(f"{fold_dir}: no {name}; is this a fold folder that salt train started?")
+    if (fold_dir / "done.json").exists():
+        if in_progress or also_stages:
+            raise SystemExit(f"{fold_dir}: the fold is finished (done.json); it is parked with its model and"
+                             " out-of-fold logits, without --in-progress or --also-stages")
+        return _park_finished(fold_dir, fold, dest)
     recipe = json.loads((fold_dir / "recipe.json").read_text())
     stages = {int(m[1]) for p in fold_dir.iterdir() if (m := STAGE.match(p.name))}
     last = max(stages, default=0)
@@ -193,6 +202,51 @@ def park(fold_dir, dest_root, also_stages=(), in_progress=False) -> Path:
     return dest
 
 
+def _park_finished(fold_dir: Path, fold: int, dest: Path) -> Path:
+    """``park`` of a finished fold: its model files, ``oof.npz``, ``done.json`` and the records, as
+    they are (see the module docstring)."""
+    from saltlib import hardware, io, runner
+    from saltlib.predict import _sha256
+
+    done = json.loads((fold_dir / "done.json").read_text())
+    recipe = json.loads((fold_dir / "recipe.json").read_text())
+    names = [n for n in RECORDS if (fold_dir / n).is_file()] + ["done.json", *done.get("models", []), "oof.npz"]
+    missing = [n for n in names if not (fold_dir / n).is_file()]
+    if missing:
+        raise SystemExit(f"{fold_dir}: no {missing[0]} (a finished fold carries done.json's models and oof.npz)")
+    if dest.exists():
+        raise SystemExit(f"{dest} exists; park into another folder or remove it first")
+    epochs = sum(int(st["epochs"]) for st in recipe["stages"])
+    record = {
+        "parked_from": str(fold_dir),
+        "fold": fold,
+        "finished": True,
+        "stage": len(recipe["stages"]),
+        "stages": len(recipe["stages"]),
+        "epochs_done": epochs,
+        "epochs_total": epochs,
+        "seconds": done.get("seconds"),
+        "files": {},
+        "commit": runner.git_info().get("commit"),
+        "machine": hardware.describe(),
+        "parked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        with io.atomic_dir(dest, "park into another folder") as tmp:
+            for n in names:
+                shutil.copy2(fold_dir / n, tmp / n)
+            record["files"] = {n: _sha256(tmp / n) for n in names}
+            if {n: _sha256(fold_dir / n) for n in names} != record["files"]:
+                raise SystemExit(f"{fold_dir}: a file changed while it was copied; park it again")
+            io.write_json(tmp / "park.json", record)
+    except FileExistsError as e:
+        raise SystemExit(str(e)) from None
+    size = sum((dest / n).stat().st_size for n in names) / 2**20
+    print(f"parked finished fold {fold} ({epochs} epochs; {', '.join(done.get('models', []))} and oof.npz)"
+          f" in {dest} ({size:.1f} MiB)")
+    return dest
+
+
 def _digests(paths: dict) -> dict:
     """SHA-256 of each file of ``{name: path}``; ``None`` for one that is gone (a running
     ``salt train`` removes an epoch checkpoint's weights once the next one is written)."""
@@ -275,6 +329,10 @@ def unpark(parked, out) -> Path:
     except FileExistsError as e:
         raise SystemExit(str(e)) from None
     running = record.get("in_progress")
+    if record.get("finished"):
+        print(f"finished fold {fold} back in {dest} ({record['epochs_total']} epochs; done.json): its oof.npz"
+              f" scores in notebook 03 and tools/nested_cv.py, and salt train skips it")
+        return dest
     where = (f"after epoch {running['epoch']} of {running['epochs']} of stage {running['stage']}" if running
              else f"at the end of stage {record['stage']}")
     print(f"fold {fold} back in {dest} {where} of {record['stages']} "
@@ -286,7 +344,7 @@ def unpark(parked, out) -> Path:
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("park", help="copy an unfinished fold's resume state into a folder to commit")
+    p = sub.add_parser("park", help="copy an unfinished fold's resume state, or a finished fold's model and out-of-fold logits, into a folder to commit")
     p.add_argument("fold_dir", help="papermill_runs/RUN/models/fold<k>")
     p.add_argument("dest", help="the folder to park it in, e.g. checkpoints/RUN (fold<k>/ is made there)")
     p.add_argument("--also-stages", type=lambda v: [int(x) for x in v.split(",")], default=[],
