@@ -140,22 +140,10 @@ def park(fold_dir, dest_root, also_stages=(), in_progress=False) -> Path:
 
     import pandas as pd
 
-    from saltlib import hardware, io, runner
+    from saltlib import io
     from saltlib.predict import _sha256
 
-    record = {
-        "parked_from": str(fold_dir),
-        "fold": fold,
-        "stage": last,
-        "stages": len(recipe["stages"]),
-        "epochs_done": epochs,
-        "epochs_total": sum(int(st["epochs"]) for st in recipe["stages"]),
-        "seconds": timing.get("seconds"),
-        "files": {},  # name -> SHA-256 of the parked copy
-        "commit": runner.git_info().get("commit"),
-        "machine": hardware.describe(),
-        "parked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    record = _record(fold_dir, fold, recipe, last, epochs, timing.get("seconds"))
     if running is not None:
         record["in_progress"] = {"stage": running[0], "epoch": running[1],
                                  "epochs": int(recipe["stages"][running[0] - 1]["epochs"])}
@@ -202,47 +190,59 @@ def park(fold_dir, dest_root, also_stages=(), in_progress=False) -> Path:
     return dest
 
 
+def _record(fold_dir: Path, fold: int, recipe: dict, stage: int, epochs_done: int, seconds) -> dict:
+    """``park.json``'s fields for a fold parked at ``stage`` (its last finished one) after
+    ``epochs_done`` epochs and ``seconds`` of training; ``files`` is filled once the copies exist."""
+    from saltlib import hardware, runner
+
+    return {
+        "parked_from": str(fold_dir),
+        "fold": fold,
+        "stage": stage,
+        "stages": len(recipe["stages"]),
+        "epochs_done": epochs_done,
+        "epochs_total": sum(int(st["epochs"]) for st in recipe["stages"]),
+        "seconds": seconds,
+        "files": {},  # name -> SHA-256 of the parked copy
+        "commit": runner.git_info().get("commit"),
+        "machine": hardware.describe(),
+        "parked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def _park_finished(fold_dir: Path, fold: int, dest: Path) -> Path:
     """``park`` of a finished fold: its model files, ``oof.npz``, ``done.json`` and the records, as
     they are (see the module docstring)."""
-    from saltlib import hardware, io, runner
+    from saltlib import io
     from saltlib.predict import _sha256
 
     done = json.loads((fold_dir / "done.json").read_text())
     recipe = json.loads((fold_dir / "recipe.json").read_text())
-    names = [n for n in RECORDS if (fold_dir / n).is_file()] + ["done.json", *done.get("models", []), "oof.npz"]
+    models = done.get("models", [])
+    names = [n for n in RECORDS if (fold_dir / n).is_file()] + ["done.json", *models, "oof.npz"]
     missing = [n for n in names if not (fold_dir / n).is_file()]
     if missing:
         raise SystemExit(f"{fold_dir}: no {missing[0]} (a finished fold carries done.json's models and oof.npz)")
     if dest.exists():
         raise SystemExit(f"{dest} exists; park into another folder or remove it first")
-    epochs = sum(int(st["epochs"]) for st in recipe["stages"])
-    record = {
-        "parked_from": str(fold_dir),
-        "fold": fold,
-        "finished": True,
-        "stage": len(recipe["stages"]),
-        "stages": len(recipe["stages"]),
-        "epochs_done": epochs,
-        "epochs_total": epochs,
-        "seconds": done.get("seconds"),
-        "files": {},
-        "commit": runner.git_info().get("commit"),
-        "machine": hardware.describe(),
-        "parked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    stages = len(recipe["stages"])
+    record = _record(fold_dir, fold, recipe, stages, sum(int(st["epochs"]) for st in recipe["stages"]),
+                     done.get("seconds"))
+    record["finished"] = True
     try:
         with io.atomic_dir(dest, "park into another folder") as tmp:
             for n in names:
                 shutil.copy2(fold_dir / n, tmp / n)
             record["files"] = {n: _sha256(tmp / n) for n in names}
-            if {n: _sha256(fold_dir / n) for n in names} != record["files"]:
-                raise SystemExit(f"{fold_dir}: a file changed while it was copied; park it again")
+            changed = [n for n, digest in _digests({n: fold_dir / n for n in names}).items()
+                       if digest != record["files"][n]]
+            if changed:
+                raise SystemExit(f"{fold_dir}: {', '.join(changed)} changed while it was copied; park it again")
             io.write_json(tmp / "park.json", record)
     except FileExistsError as e:
         raise SystemExit(str(e)) from None
     size = sum((dest / n).stat().st_size for n in names) / 2**20
-    print(f"parked finished fold {fold} ({epochs} epochs; {', '.join(done.get('models', []))} and oof.npz)"
+    print(f"parked finished fold {fold} ({record['epochs_total']} epochs; {', '.join(models)} and oof.npz)"
           f" in {dest} ({size:.1f} MiB)")
     return dest
 
